@@ -1,0 +1,1 @@
+"""compact_vit: compact vision transformers in JAX/Flax."""

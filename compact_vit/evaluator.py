@@ -1,0 +1,100 @@
+"""Evaluation of the latest training checkpoint (or a converted one): accuracy, size, cost, speed."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from compact_vit import checkpointing, optim, profile, sharding, trainer
+from compact_vit.errors import UserError
+
+
+def load_eval_variables(config: ml_collections.ConfigDict, workdir: str, model,
+                        num_train: int) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+  """(variables, step, ema variables or None) from WORKDIR/checkpoints, else `config.init_from`."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = None
+  if os.path.isdir(ckpt_dir):
+    ckpt = checkpointing.TrainCheckpointer(ckpt_dir, keep=config.keep_checkpoints)
+    step = ckpt.latest_step()
+  if step is not None:
+    steps_per_epoch, total_steps = trainer.schedule_lengths(config, num_train)
+    tx, _ = optim.create_optimizer(config.optim, batch_size=config.batch_size,
+                                   steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    init_fn = functools.partial(trainer.create_train_state, model, tx, img_size=config.img_size,
+                                use_ema=config.ema_decay > 0)
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    state = ckpt.restore(abstract, step)
+    ema = trainer.model_variables(state, "ema_params") if "ema_params" in state else None
+    return trainer.model_variables(state), step, ema
+  if config.init_from:
+    abstract = jax.eval_shape(
+        lambda: trainer.init_variables(model, jax.random.key(0), config.img_size))
+    variables, meta = checkpointing.load_variables(config.init_from)
+    checkpointing.check_tree_matches(abstract, variables,
+                                     f"Checkpoint {config.init_from} (model {meta.get('model')!r})")
+    return variables, 0, None
+  raise UserError(f"No checkpoint found in {ckpt_dir} and no --config.init_from given. Train first "
+                  f"(python train.py --config ... --workdir {workdir}) or convert weights with "
+                  "`python -m compact_vit.convert` and pass --config.init_from=DIR.")
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        split: str | None = None, measure_speed: bool = True) -> dict[str, Any]:
+  """Evaluates and writes WORKDIR/eval_<split>.json; returns the record."""
+  trainer.validate_config(config)
+  from compact_vit.data import pipeline
+
+  split = split or config.dataset.eval_split
+  dataset_cfg = ml_collections.ConfigDict(config.dataset.to_dict())
+  dataset_cfg.eval_split = split
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  info = pipeline.get_info(dataset_cfg)
+  model = trainer.create_model(config, info.num_classes)
+  variables, step, ema = load_eval_variables(config, workdir, model, info.num_train)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  eval_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
+
+  def batches():
+    return pipeline.eval_iterator(
+        dataset_cfg, img_size=config.img_size,
+        batch_size=config.eval_batch_size // jax.process_count(), crop_pct=config.crop_pct,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  res = trainer.evaluate(eval_fn, variables, batches(), mesh)
+  shape = (1, config.img_size, config.img_size, 3)
+  record = {
+      "model": config.model.name, "split": split, "step": int(step),
+      "top1": res["top1"], "top5": res["top5"], "num_examples": int(res["count"]),
+      "params": profile.count_params(variables["params"]),
+      "gmacs": profile.count_macs(model, variables, shape) / 1e9,
+      "images_per_sec": (profile.images_per_sec(model, variables, batch=config.eval_batch_size,
+                                                img_size=config.img_size)
+                         if measure_speed else None),
+      "params_sha256": checkpointing.params_sha256(variables["params"]),
+  }
+  if ema is not None:
+    res_ema = trainer.evaluate(eval_fn, jax.device_put(ema, sharding.replicated(mesh)), batches(),
+                               mesh)
+    record.update({"ema_top1": res_ema["top1"], "ema_top5": res_ema["top5"]})
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+      json.dump(record, f, indent=2)
+  return record
+
+
+def format_table(record: dict[str, Any]) -> str:
+  """A two-column text table of an eval record."""
+  rows = []
+  for k, v in record.items():
+    if isinstance(v, float):
+      v = f"{v:.4f}" if k in ("top1", "top5", "ema_top1", "ema_top5", "gmacs") else f"{v:.1f}"
+    rows.append((k, str(v)))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

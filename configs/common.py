@@ -1,0 +1,139 @@
+"""Shared config pieces: argument parsing, the DeiT ImageNet-1K recipe and the `quick` recipe.
+
+A config file defines `get_config(arg)`; `arg` is the text after `:` in `--config configs/X.py:ARG`,
+a comma-separated list of `key=value` pairs or bare flags (`quick`), parsed by `parse_arg`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'quick,img_size=384' into a ConfigDict over `defaults` (types follow the defaults)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; this config accepts {sorted(defaults)}.")
+    if not _:
+      out[key] = True
+    elif isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
+def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collections.ConfigDict:
+  """The DeiT ImageNet-1K recipe (Touvron et al. 2021; facebookresearch/deit main.py defaults).
+
+  300 epochs, AdamW lr 5e-4 x batch/512, wd 0.05, global batch 1024, 5 warmup epochs, cosine to 1e-5,
+  label smoothing 0.1, mixup 0.8, cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25.
+  Repeated augmentation is not implemented (it mostly matters for its 3x sample reuse per epoch).
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_epochs = 300
+  c.total_steps = ml_collections.FieldReference(None, field_type=int)
+  c.batch_size = 1024
+  c.eval_batch_size = 256
+  c.img_size = 224
+  c.crop_pct = 0.875
+  c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Parameters stay float32.
+  c.log_every = 50
+  c.eval_every = 2500
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted checkpoint dir
+  c.mesh = ml_collections.ConfigDict({"data": -1})
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = model_name
+  c.model.drop_path_rate = drop_path_rate
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "imagenet2012"
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "validation"
+  c.dataset.shuffle_buffer = 16384
+  c.dataset.cache = False
+  c.dataset.mean = IMAGENET_MEAN
+  c.dataset.std = IMAGENET_STD
+
+  c.aug = ml_collections.ConfigDict()
+  c.aug.random_resized_crop = True
+  c.aug.scale = (0.08, 1.0)
+  c.aug.ratio = (3 / 4, 4 / 3)
+  c.aug.hflip = True
+  c.aug.randaugment = "rand-m9-mstd0.5-inc1"
+  c.aug.random_erasing = 0.25
+  c.aug.color_jitter = 0.0
+  c.aug.mixup_alpha = 0.8
+  c.aug.cutmix_alpha = 1.0
+  c.aug.mixup_prob = 1.0
+  c.aug.mixup_switch_prob = 0.5
+  c.aug.label_smoothing = 0.1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4  # scaled by batch_size / lr_base_batch
+  c.optim.lr_base_batch = 512
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.warmup_epochs = 5.0
+  c.optim.warmup_lr = 1e-6
+  c.optim.min_lr = 1e-5
+  c.optim.grad_clip_norm = 0.0  # 0 = off (DeiT does not clip)
+  c.optim.no_decay = ("cls_token", "dist_token", "pos_embed")  # plus every 1-D parameter
+  c.ema_decay = 0.0  # 0 = off; e.g. 0.99996 as DeiT's optional model EMA
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.type = "none"  # none | soft | hard
+  c.distill.teacher = ""  # registry name, e.g. regnety_160
+  c.distill.teacher_init_from = ""  # converted checkpoint dir of the teacher
+  c.distill.alpha = 0.5
+  c.distill.tau = 1.0
+  return c
+
+
+def make_quick(c: ml_collections.ConfigDict, **model_overrides) -> ml_collections.ConfigDict:
+  """Shrinks a recipe to the embedded `digits` dataset so the whole loop runs on a laptop CPU."""
+  c.dataset.name = "digits"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.shuffle_buffer = 2048
+  c.dataset.cache = True
+  c.dataset.mean = (0.5, 0.5, 0.5)
+  c.dataset.std = (0.5, 0.5, 0.5)
+  c.aug.random_resized_crop = True
+  c.aug.scale = (0.6, 1.0)
+  c.aug.hflip = False  # digits are not mirror-symmetric
+  c.aug.randaugment = ""
+  c.aug.random_erasing = 0.0
+  c.aug.mixup_alpha = 0.0
+  c.aug.cutmix_alpha = 0.0
+  c.aug.label_smoothing = 0.1
+  c.crop_pct = 1.0
+  c.batch_size = 64
+  c.eval_batch_size = 120
+  c.optim.lr = 1e-3
+  c.optim.lr_base_batch = 64
+  c.optim.warmup_epochs = 2.0
+  c.optim.min_lr = 1e-5
+  c.log_every = 20
+  c.eval_every = 200
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  for key, value in model_overrides.items():
+    c.model[key] = value
+  return c

@@ -1,0 +1,22 @@
+"""DeiT-Base (Touvron et al., "Training data-efficient image transformers", ICML 2021).
+
+ImageNet-1K from scratch with the DeiT recipe (configs/common.py): 300 epochs, global batch 1024,
+AdamW lr 5e-4 x 1024/512, wd 0.05, drop path 0.1. Expected top-1: 81.8% (paper, Table 7).
+
+  python train.py --config configs/deit_b.py --workdir runs/deit_b
+  python eval.py --config configs/deit_b.py --workdir runs/deit_b
+
+`:quick` trains a shrunken DeiT (16x16 inputs, 2x2 patches) on the embedded `digits` dataset in a
+few minutes on a 2-core CPU; expect >= 95% val top-1:
+
+  python train.py --config configs/deit_b.py:quick --workdir runs/deit_b_quick
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, quick=False)
+  c = common.deit_recipe("deit_base_patch16_224", drop_path_rate=0.1)
+  if args.quick:
+    common.make_quick_deit(c)
+  return c

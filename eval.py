@@ -1,0 +1,36 @@
+"""Evaluates the latest checkpoint: `python eval.py --config configs/X.py[:ARGS] --workdir DIR`.
+
+Writes DIR/eval_<split>.json (step, top1, top5, params, gmacs, images_per_sec, params_sha256) and
+prints it as a table. With no training checkpoint in DIR, `--config.init_from=CONVERTED_DIR`
+evaluates converted weights.
+"""
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from compact_vit import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:ARGS]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config>).")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default config.dataset.eval_split).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  from compact_vit import evaluator
+  path, arg = cli.split_config_flag(flags.FLAGS["config"].serialize().split("=", 1)[1])
+  workdir = _WORKDIR.value or cli.default_workdir(path, arg)
+
+  def run():
+    record = evaluator.evaluate_checkpoint(_CONFIG.value, workdir, split=_SPLIT.value)
+    print(evaluator.format_table(record))
+    print(json.dumps(record))
+
+  cli.run_guarded(run)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,165 @@
+"""End to end through `train.py` / `eval.py`: quick run, exact resume after SIGTERM, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from compact_vit import checkpointing, models, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = "configs/deit_s.py:quick"
+# A few steps of the quick recipe with frequent logging/checkpoints.
+SHORT = ["--config.total_steps=24", "--config.log_every=4", "--config.eval_every=12",
+         "--config.checkpoint_every=8"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+  env.update(extra)
+  return env
+
+
+def _cmd(script, config, workdir, data_dir, *flags):
+  return [sys.executable, script, "--config", config, "--workdir", str(workdir),
+          f"--config.dataset.data_dir={data_dir}", *flags]
+
+
+def _run(script, config, workdir, data_dir, *flags, env=None, timeout=600):
+  return subprocess.run(_cmd(script, config, workdir, data_dir, *flags), cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, env=env or _env())
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_quick_run_writes_metrics_checkpoints_and_eval(tmp_path, data_dir):
+  out = _run("train.py", QUICK, tmp_path, data_dir, *SHORT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = _metrics(tmp_path)
+  train = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+  assert all(k in train[0] for k in ("train/lr", "train/images_per_sec"))
+  evals = [r for r in records if "val/top1" in r]
+  assert [r["step"] for r in evals] == [12, 24]
+  assert 0.0 <= evals[-1]["val/top1"] <= evals[-1]["val/top5"] <= 1.0
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[-2:] == ["16", "24"]  # keep the last 2
+
+  out = _run("eval.py", QUICK, tmp_path, data_dir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.load(open(tmp_path / "eval_test.json"))
+  assert record["step"] == 24
+  assert record["num_examples"] == 360  # every test example exactly once
+  assert record["top1"] == pytest.approx(evals[-1]["val/top1"], abs=1e-6)
+  for key in ("top5", "params", "gmacs", "images_per_sec", "params_sha256"):
+    assert key in record
+  assert "top1" in out.stdout and "params_sha256" in out.stdout
+
+  # Rerunning a finished run resumes at its end and trains no further.
+  out = _run("train.py", QUICK, tmp_path, data_dir, *SHORT)
+  assert out.returncode == 0 and "Resumed" in out.stdout
+
+
+def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, data_dir):
+  flags = [*SHORT, "--config.total_steps=32", "--config.checkpoint_every=1000"]
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  assert _run("train.py", QUICK, straight, data_dir, *flags).returncode == 0
+
+  proc = subprocess.Popen(_cmd("train.py", QUICK, interrupted, data_dir, *flags), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    path = interrupted / "metrics.jsonl"
+    if path.exists() and any(r.get("step", 0) >= 8 for r in _metrics(interrupted)):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "saved a checkpoint" in stdout
+  stopped_at = int(sorted(os.listdir(interrupted / "checkpoints"), key=int)[-1])
+  assert 8 <= stopped_at < 32
+
+  assert _run("train.py", QUICK, interrupted, data_dir, *flags).returncode == 0
+  sha = []
+  for workdir in (straight, interrupted):
+    out = _run("eval.py", QUICK, workdir, data_dir, *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sha.append(json.load(open(workdir / "eval_test.json"))["params_sha256"])
+  assert sha[0] == sha[1]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  out = _run("train.py", QUICK, tmp_path, data_dir, "--config.total_steps=40",
+             "--config.checkpoint_every=2", "--config.log_every=1", "--config.optim.lr=1e30",
+             "--config.optim.warmup_epochs=0")
+  assert out.returncode != 0
+  assert "Loss became" in out.stderr and "Traceback" not in out.stderr
+  step = int(out.stderr.split("at step ")[1].split(";")[0])
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert saved and max(saved) < step
+  last = [r for r in _metrics(tmp_path) if r["step"] == max(saved) and "train/loss" in r]
+  assert last and np.isfinite(last[0]["train/loss"])
+
+
+def _assert_clean_error(out, *needles):
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  for needle in needles:
+    assert needle in out.stderr, out.stderr[-3000:]
+
+
+def test_unknown_model_lists_the_choices(tmp_path, data_dir):
+  out = _run("train.py", QUICK, tmp_path, data_dir, "--config.model.name=deit_huge")
+  _assert_clean_error(out, "Unknown model 'deit_huge'", "deit_small_patch16_224")
+
+
+def test_unknown_dataset_lists_the_choices(tmp_path, data_dir):
+  out = _run("train.py", QUICK, tmp_path, data_dir, "--config.dataset.name=no_such_dataset")
+  _assert_clean_error(out, "no_such_dataset", "digits", "imagenet2012", "folder:")
+
+
+def test_batch_not_divisible_by_devices(tmp_path, data_dir):
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = _run("train.py", QUICK, tmp_path, data_dir, "--config.batch_size=63", env=env)
+  _assert_clean_error(out, "batch_size=63", "not divisible")
+
+
+def test_imagenet_not_prepared_says_how(tmp_path, data_dir):
+  out = _run("train.py", "configs/deit_s.py", tmp_path, str(tmp_path / "empty_tfds"))
+  _assert_clean_error(out, "ILSVRC2012_img_train.tar", "manual")
+
+
+def test_eval_without_checkpoint(tmp_path, data_dir):
+  out = _run("eval.py", QUICK, tmp_path, data_dir)
+  _assert_clean_error(out, "No checkpoint", "init_from")
+
+
+def test_checkpoint_of_another_model_names_the_keys(tmp_path, data_dir):
+  other = models.create_model("deit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4,
+                              depth=2)
+  variables = trainer.init_variables(other, jax.random.key(0), 16)
+  checkpointing.save_variables(str(tmp_path / "other"), variables, "deit_tiny_patch16_224")
+  out = _run("train.py", QUICK, tmp_path / "run", data_dir,
+             f"--config.init_from={tmp_path / 'other'}")
+  _assert_clean_error(out, "does not match the model", "missing keys", "shape mismatches",
+                      "blocks_2")
+
+
+def test_config_typo(tmp_path, data_dir):
+  out = _run("train.py", QUICK, tmp_path, data_dir, "--config.optim.lrr=0.1")
+  _assert_clean_error(out, "lrr")
+  out = _run("train.py", "configs/deit_s.py:quik", tmp_path, data_dir)
+  _assert_clean_error(out, "quik")

@@ -1,0 +1,26 @@
+"""Trains a model: `python train.py --config configs/X.py[:ARGS] [--workdir DIR] [--config.F=V]`.
+
+Writes DIR/metrics.jsonl, TensorBoard events and Orbax checkpoints under DIR/checkpoints; rerunning
+the same command resumes from the latest checkpoint.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from compact_vit import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:ARGS]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config>).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  from compact_vit import trainer
+  path, arg = cli.split_config_flag(flags.FLAGS["config"].serialize().split("=", 1)[1])
+  workdir = _WORKDIR.value or cli.default_workdir(path, arg)
+  cli.run_guarded(lambda: trainer.train_and_evaluate(_CONFIG.value, workdir))
+
+
+if __name__ == "__main__":
+  app.run(main)
