@@ -16,6 +16,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
+  cli.quiet_logs()
   from compact_vit import trainer
   path, arg = cli.split_config_flag(flags.FLAGS["config"].serialize().split("=", 1)[1])
   workdir = _WORKDIR.value or cli.default_workdir(path, arg)

@@ -20,6 +20,13 @@ def split_config_flag(value: str) -> tuple[str, str | None]:
   return path, (arg or None)
 
 
+def quiet_logs() -> None:
+  """Keeps library INFO logs (Orbax, TensorFlow) off the console; our progress goes to stdout."""
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def run_guarded(fn: Callable[[], object]) -> None:
   """Runs `fn`; a UserError becomes one line on stderr and exit status 2, with no traceback."""
   try:

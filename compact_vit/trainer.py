@@ -347,6 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = sharding.shard_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch, teacher_vars)
       step += 1
+      if step == start_step + 1:
+        progress.update(step)  # the first step includes compilation; rates start after it
       if pending is not None:
         check(pending)
       pending = (step, metrics)
@@ -354,11 +356,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every == 0 or is_last:
         loss = check(pending)
         host = jax.device_get(metrics)
-        rate = progress.update(step)
-        writer.write(step, {"train/loss": loss, "train/lr": float(host["lr"]),
-                            "train/grad_norm": float(host["grad_norm"]),
-                            "train/images_per_sec": rate,
-                            "train/epoch": step / steps_per_epoch})
+        record = {"train/loss": loss, "train/lr": float(host["lr"]),
+                  "train/grad_norm": float(host["grad_norm"]), "train/epoch": step / steps_per_epoch}
+        if step > start_step + 1:
+          record["train/images_per_sec"] = progress.update(step)
+        writer.write(step, record)
         progress.show(step, loss, float(host["lr"]))
       if step % config.eval_every == 0 or is_last:
         final_eval = run_eval(step)

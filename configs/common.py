@@ -137,3 +137,11 @@ def make_quick(c: ml_collections.ConfigDict, **model_overrides) -> ml_collection
   for key, value in model_overrides.items():
     c.model[key] = value
   return c
+
+
+def make_quick_deit(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """DeiT on `digits`: 16×16 inputs in 4×4 patches (16 tokens + CLS), 4 blocks of width 192."""
+  make_quick(c, patch_size=4, depth=4, embed_dim=192, num_heads=3, drop_path_rate=0.0)
+  c.img_size = 16
+  c.total_epochs = 30
+  return c
