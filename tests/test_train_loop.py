@@ -166,3 +166,45 @@ def test_config_typo(tmp_path, data_dir):
   _assert_clean_error(out, "lrr")
   out = _run("train.py", "configs/deit_s.py:quik", tmp_path, data_dir)
   _assert_clean_error(out, "quik")
+
+
+def _save_quick_shaped(directory, name="deit_small_patch16_224", seed=7, **extra):
+  """Variables of a model shaped like the quick DeiT (digits: 10 classes, 16×16), saved as a
+  converted checkpoint."""
+  overrides = dict(num_classes=10, img_size=16, patch_size=4, depth=4, embed_dim=192, num_heads=3)
+  overrides.update(extra)
+  model = models.create_model(name, **overrides)
+  variables = trainer.init_variables(model, jax.random.key(seed), 16)
+  checkpointing.save_variables(str(directory), variables, name, overrides)
+  return variables
+
+
+def test_init_from_a_converted_checkpoint_for_eval_and_training(tmp_path, data_dir):
+  variables = _save_quick_shaped(tmp_path / "converted")
+  expected = checkpointing.params_sha256(variables["params"])
+  out = _run("eval.py", QUICK, tmp_path / "eval_only", data_dir,
+             f"--config.init_from={tmp_path / 'converted'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.load(open(tmp_path / "eval_only" / "eval_test.json"))
+  assert record["step"] == 0 and record["params_sha256"] == expected
+
+  # Training starts from those weights: with a zero learning rate they come out unchanged.
+  zero_lr = ["--config.total_steps=2", "--config.optim.lr=0", "--config.optim.warmup_lr=0",
+             "--config.optim.min_lr=0", "--config.optim.weight_decay=0"]
+  out = _run("train.py", QUICK, tmp_path / "finetune", data_dir,
+             f"--config.init_from={tmp_path / 'converted'}", *zero_lr)
+  assert out.returncode == 0, out.stderr[-3000:]
+  out = _run("eval.py", QUICK, tmp_path / "finetune", data_dir, *zero_lr)
+  assert json.load(open(tmp_path / "finetune" / "eval_test.json"))["params_sha256"] == expected
+
+
+def test_hard_distillation_from_a_registry_teacher(tmp_path, data_dir):
+  _save_quick_shaped(tmp_path / "teacher", name="deit_tiny_patch16_224", depth=1, embed_dim=96)
+  out = _run("train.py", QUICK, tmp_path / "run", data_dir,
+             "--config.model.name=deit_small_distilled_patch16_224",
+             "--config.distill.type=hard", "--config.distill.teacher=deit_tiny_patch16_224",
+             f"--config.distill.teacher_init_from={tmp_path / 'teacher'}",
+             "--config.total_steps=3", "--config.log_every=1", "--config.eval_every=3")
+  assert out.returncode == 0, out.stderr[-3000:]
+  losses = [r["train/loss"] for r in _metrics(tmp_path / "run") if "train/loss" in r]
+  assert len(losses) == 3 and all(np.isfinite(losses))

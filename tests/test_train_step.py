@@ -157,3 +157,15 @@ def test_eval_step_counts_only_masked_in_examples():
   assert float(out["count"]) == 4
   assert float(out["top1"]) == 1  # only example 0 is top-1 (example 4 is masked out)
   assert float(out["top5"]) == 3  # ranks 0, 1 and 4 are in the top 5; rank 6 is not
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  model, state, step = _tiny_setup(dtype=jnp.bfloat16)
+  x = _fake_batch(0)["image"]
+  logits = model.apply({"params": state["params"]}, x)  # computed in bfloat16, returned as float32
+  reference = model.clone(dtype=jnp.float32).apply({"params": state["params"]}, x)
+  assert not np.array_equal(logits, reference)
+  np.testing.assert_allclose(logits, reference, atol=0.1)
+  state, metrics = step(state, _fake_batch(0), None)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state["params"]))
+  assert np.isfinite(float(metrics["loss"]))

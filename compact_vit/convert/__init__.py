@@ -1,0 +1,12 @@
+"""PyTorch checkpoints (timm and the authors' repositories) -> Flax variables.
+
+`load_pytorch_state_dict(name, state_dict)` converts an in-memory state dict;
+`python -m compact_vit.convert --model NAME --checkpoint FILE --out DIR` converts a file and writes
+it with `compact_vit.checkpointing.save_variables`. Each family's fixes live in
+`convert/<family>.py`, registered with `register_converter` and imported below.
+"""
+from compact_vit.convert.core import (load_pytorch_state_dict, read_state_dict,
+                                      register_converter)
+from compact_vit.convert import vit  # noqa: F401  registers the ViT / DeiT converter
+
+__all__ = ["load_pytorch_state_dict", "read_state_dict", "register_converter"]

@@ -1,0 +1,194 @@
+"""Transformer building blocks shared by the ViT-like families (timm's layers, in Flax Linen).
+
+Every module takes `dtype` (compute) and `param_dtype` (storage, float32 by default), so the trainer
+can run bfloat16 compute on float32 parameters. Names of submodules and parameters follow timm's
+state-dict keys (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, `ls1/gamma`), which keeps
+`compact_vit.convert` a renaming. Randomness (dropout, drop path) comes from the 'dropout' stream.
+
+Departures from timm: attention softmax runs in float32 whatever the compute dtype (as torch
+autocast does); `Attention` accepts a boolean key mask (see its docstring).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from compact_vit.errors import UserError
+
+Dtype = Any
+
+# timm's ViT init: trunc_normal(std=.02) for linears and embeddings, zeros for biases; the patch
+# conv keeps torch's default (kaiming_uniform with a=sqrt(5), i.e. variance 1/(3 fan_in)).
+linear_init = nn.initializers.truncated_normal(stddev=0.02)
+conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+LN_EPS = 1e-6
+
+
+def to_pair(value: int | tuple[int, int]) -> tuple[int, int]:
+  """`s` -> `(s, s)`; a pair stays as it is."""
+  if isinstance(value, (tuple, list)):
+    return int(value[0]), int(value[1])
+  return int(value), int(value)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+  """LayerNorm with timm's ViT epsilon (1e-6); statistics are computed in float32."""
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype,
+          use_bias: bool = True) -> nn.Dense:
+  """Linear layer with timm's ViT init."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=linear_init, bias_init=nn.initializers.zeros, name=name)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes the whole residual branch per sample with probability `rate`.
+
+  Kept samples are scaled by 1/(1 - rate). Identity when `train` is False or `rate` is 0.
+  x: (B, ...) -> (B, ...).
+  """
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, shape)
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class LayerScale(nn.Module):
+  """Per-channel learnable scale `gamma` (CaiT / DeiT III), initialised to `init_values`."""
+  init_values: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gamma = self.param("gamma", nn.initializers.constant(self.init_values), (x.shape[-1],),
+                       self.param_dtype)
+    return x * gamma.astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU (exact, erf) -> dropout -> fc2 -> dropout.
+
+  x: (..., C) -> (..., out_features or C).
+  """
+  hidden_features: int
+  out_features: int | None = None
+  drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    out_features = self.out_features or x.shape[-1]
+    x = dense(self.hidden_features, "fc1", self.dtype, self.param_dtype)(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    x = dense(out_features, "fc2", self.dtype, self.param_dtype)(x)
+    return nn.Dropout(self.drop_rate, deterministic=not train)(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; the fused `qkv` output is laid out as timm's (3, heads, head_dim).
+
+  x: (B, N, C) -> (B, N, C). `mask`, optional (B, N) bool, marks the tokens that may be attended
+  to (keys); masked keys get `finfo(float32).min` logits via `jnp.where` before the softmax. A
+  query may always attend to itself, so no softmax row is ever fully masked: for a kept query the
+  result equals attention over the kept tokens only; the output at a masked query is attention
+  over the kept tokens plus itself and is meant to be ignored. Logits and softmax are float32.
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    batch, tokens, dim = x.shape
+    head_dim = dim // self.num_heads
+    qkv = dense(3 * dim, "qkv", self.dtype, self.param_dtype, use_bias=self.qkv_bias)(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, D) each
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
+    if mask is not None:
+      valid = mask.astype(bool)[:, None, None, :] | jnp.eye(tokens, dtype=bool)  # (B, 1, N, N)
+      logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights)
+    x = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
+    x = dense(dim, "proj", self.dtype, self.param_dtype)(x)
+    return nn.Dropout(self.proj_drop_rate, deterministic=not train)(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(Mlp(LN(x)))).
+
+  x: (B, N, C) -> (B, N, C); `mask` is passed to `Attention`. LayerScale only if `init_values`.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  init_values: float | None = None
+  drop_path_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    dim = x.shape[-1]
+    y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
+    y = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
+                  attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(y, mask, train)
+    if self.init_values:
+      y = LayerScale(self.init_values, param_dtype=self.param_dtype, name="ls1")(y)
+    x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train)
+    y = layer_norm("norm2", self.dtype, self.param_dtype)(x)
+    y = Mlp(int(dim * self.mlp_ratio), drop_rate=self.proj_drop_rate, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="mlp")(y, train)
+    if self.init_values:
+      y = LayerScale(self.init_values, param_dtype=self.param_dtype, name="ls2")(y)
+    return x + DropPath(self.drop_path_rate, name="drop_path2")(y, train)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches by a strided conv: (B, H, W, C) NHWC -> (B, H/p * W/p, embed_dim).
+
+  Tokens are in row-major (h, w) order, as timm's flatten of NCHW. H and W must be multiples of p.
+  """
+  patch_size: int | tuple[int, int]
+  embed_dim: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    patch = to_pair(self.patch_size)
+    if x.shape[1] % patch[0] or x.shape[2] % patch[1]:
+      raise UserError(f"Image size {x.shape[1:3]} is not a multiple of the patch size {patch}.")
+    x = nn.Conv(self.embed_dim, patch, strides=patch, padding="VALID", use_bias=self.use_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=conv_init,
+                name="proj")(x)
+    return x.reshape(x.shape[0], -1, self.embed_dim)
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+  """Stochastic depth rates, linear from 0 (first block) to `drop_path_rate` (last), as timm."""
+  return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]

@@ -1,0 +1,70 @@
+"""Parameter and MAC counting, throughput, and the profile CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+
+from compact_vit.models import create_model
+from compact_vit.profile import count_macs, count_params, images_per_sec, random_variables
+
+
+class HandCounted(nn.Module):
+  """Every kind of op and nesting `count_macs` handles, with MACs counted by hand below."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3), padding="SAME")(x)  # (2,8,8,3)->(2,8,8,8): 1024 outputs x 9 x 3
+    x = nn.Conv(8, (3, 3), strides=2, feature_group_count=4)(x)  # 256 outputs x 9 x 8/4
+    x = nn.Dense(5)(x.reshape(2, -1))  # batch 2 x 128 in x 5 out
+    outer = jnp.einsum("bi,bj->bij", x, x)  # 2 x 5 x 5, contracting nothing
+    w = self.param("w", nn.initializers.lecun_normal(), (5, 5))
+    x, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)  # 3 x 2x5x5
+    x = jax.lax.cond(x.sum() > 0, lambda x: x @ w @ w, lambda x: x, x)  # max branch 2 x 2x5x5
+    x = jax.jit(lambda a, b: a @ b)(x, w)  # nested pjit: 2x5x5
+    return x + outer.sum(-1)
+
+
+HAND_MACS = 1024 * 9 * 3 + 256 * 9 * 2 + 2 * 128 * 5 + 2 * 5 * 5 + 3 * 50 + 2 * 50 + 50
+
+
+def test_count_macs_exact_on_hand_counted_model():
+  model = HandCounted()
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+  assert count_macs(model, variables, (2, 8, 8, 3)) == HAND_MACS
+  assert count_params(variables["params"]) == (9 * 3 * 8 + 8) + (9 * 2 * 8 + 8) + (128 * 5 + 5) + 25
+
+
+@pytest.mark.parametrize("name,gmacs", [("deit_tiny_patch16_224", 1.26),
+                                        ("deit_small_patch16_224", 4.61)])
+def test_deit_gmacs_match_references(name, gmacs):
+  """REFERENCES.md (fvcore convention); ours: DeiT-Ti 1.2537, DeiT-S 4.5989, DeiT-B 17.5638."""
+  model = create_model(name)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  total = count_macs(model, variables, (2, 224, 224, 3))  # total for the batch
+  assert abs(total / 2 / 1e9 - gmacs) / gmacs < 0.01
+
+
+def test_images_per_sec_is_positive():
+  model = create_model("deit_tiny_patch16_224", img_size=32, depth=1)
+  variables = random_variables(model, (1, 32, 32, 3))
+  assert images_per_sec(model, variables, 2, 32, steps=2, warmup=1) > 0
+
+
+def test_profile_cli_prints_one_json_line():
+  proc = subprocess.run(
+      [sys.executable, "-m", "compact_vit.profile", "--model", "deit_tiny_patch16_224",
+       "--batch", "2", "--img-size", "32", "--steps", "2", "--warmup", "1"],
+      capture_output=True, text=True, check=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1
+  result = json.loads(lines[0])
+  assert set(result) == {"model", "params", "gmacs", "images_per_sec", "batch", "img_size"}
+  assert result["params"] == 5_717_416 - (197 - 5) * 192  # 4 patches + cls at 32x32
+  assert result["batch"] == 2 and result["img_size"] == 32
+  assert result["gmacs"] > 0 and result["images_per_sec"] > 0
