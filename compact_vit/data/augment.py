@@ -1,0 +1,305 @@
+"""Train-time augmentations in TF ops, after timm: RandAugment, color jitter, random erasing.
+
+Every random draw comes from `key`, a stateless seed (2,) int64, so each function is a pure function of
+(image, key). Images are uint8 (H, W, 3) except in `random_erasing`, which works on normalised float32.
+
+The PIL image ops (AutoContrast, Equalize, Posterize, Solarize, ImageEnhance Color/Contrast/
+Brightness/Sharpness, ...) follow PIL's formulas, including its truncation to uint8 when blending.
+Departure from timm: the geometric RandAugment ops (Rotate, ShearX/Y, TranslateX/YRel) sample
+bilinearly (TF has no bicubic affine warp) and blend the fill colour into the edge pixels, where
+PIL samples bicubically with a hard edge.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable, Sequence
+
+from compact_vit.data._tf import tf
+from compact_vit.errors import UserError
+
+_LEVEL_DENOM = 10.  # timm: magnitude M is an op's fraction M / 10 of its full strength.
+_RA_HELP = "timm syntax, e.g. 'rand-m9-mstd0.5-inc1' (sections m, n, mstd, mmax, inc), or '' for off"
+
+
+def uniform(key: tf.Tensor, shape=(), minval=0., maxval=1.) -> tf.Tensor:
+  """Stateless float32 U(minval, maxval) of `shape`."""
+  return tf.random.stateless_uniform(shape, key, minval, maxval)
+
+
+def randint(key: tf.Tensor, low: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
+  """Uniform int32 in [low, high], both ends included (Python's random.randint)."""
+  return tf.random.stateless_uniform([], key, low, high + 1, dtype=tf.int32)
+
+
+def _to_uint8(x: tf.Tensor) -> tf.Tensor:
+  """Clips and truncates float → uint8, as PIL does when blending."""
+  return tf.cast(tf.clip_by_value(x, 0., 255.), tf.uint8)
+
+
+def _gray(image: tf.Tensor) -> tf.Tensor:
+  """PIL convert('L'): ITU-R 601-2 luma, float (H, W, 1) of whole numbers."""
+  x = tf.cast(image, tf.float32)
+  return tf.round(tf.tensordot(x, tf.constant([0.299, 0.587, 0.114]), 1))[..., None]
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """PIL Image.blend(degenerate, image, factor): factor 0 gives `degenerate`, 1 gives `image`."""
+  d = tf.cast(degenerate, tf.float32)
+  return _to_uint8(d + factor * (tf.cast(image, tf.float32) - d))
+
+
+# PIL ImageOps / ImageEnhance equivalents on uint8 (H, W, 3).
+
+def auto_contrast(image: tf.Tensor) -> tf.Tensor:
+  """ImageOps.autocontrast: stretch each channel to 0..255 (channels with one value stay)."""
+  x = tf.cast(image, tf.float64)  # PIL's arithmetic, so that truncation agrees.
+  lo = tf.reduce_min(x, axis=[0, 1])
+  hi = tf.reduce_max(x, axis=[0, 1])
+  scale = 255. / tf.maximum(hi - lo, 1.)
+  stretched = tf.cast(tf.clip_by_value(x * scale - lo * scale, 0., 255.), tf.uint8)
+  return tf.where(hi > lo, stretched, image)
+
+
+def equalize(image: tf.Tensor) -> tf.Tensor:
+  """ImageOps.equalize: per-channel histogram equalisation with PIL's lookup table."""
+  channels = []
+  for c in range(3):
+    x = tf.cast(image[..., c], tf.int32)
+    hist = tf.math.bincount(x, minlength=256, maxlength=256)
+    last = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))  # count of the brightest used value
+    step = (tf.reduce_sum(hist) - last) // 255
+    lut = (step // 2 + tf.cumsum(hist, exclusive=True)) // tf.maximum(step, 1)
+    lut = tf.cast(tf.clip_by_value(lut, 0, 255), tf.uint8)
+    channels.append(tf.where(step > 0, tf.gather(lut, x), image[..., c]))
+  return tf.stack(channels, axis=-1)
+
+
+def invert(image: tf.Tensor) -> tf.Tensor:
+  return 255 - image
+
+
+def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
+  """ImageOps.posterize: keep the `bits` (0..8) most significant bits."""
+  mask = 256 - tf.bitwise.left_shift(1, 8 - tf.cast(bits, tf.int32))
+  return tf.bitwise.bitwise_and(image, tf.cast(mask, tf.uint8))
+
+
+def solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
+  """ImageOps.solarize: invert values >= threshold."""
+  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+
+
+def solarize_add(image: tf.Tensor, add: tf.Tensor, threshold: int = 128) -> tf.Tensor:
+  """timm solarize_add: values below threshold get `add` added (saturating)."""
+  x = tf.cast(image, tf.int32)
+  return tf.cast(tf.where(x < threshold, tf.minimum(x + tf.cast(add, tf.int32), 255), x), tf.uint8)
+
+
+def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """ImageEnhance.Color: 0 gives grayscale, 1 the image."""
+  return _blend(tf.tile(_gray(image), [1, 1, 3]), image, factor)
+
+
+def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """ImageEnhance.Contrast: 0 gives a flat image at the mean gray level."""
+  mean = tf.floor(tf.reduce_mean(_gray(image)) + 0.5)
+  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+
+
+def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """ImageEnhance.Brightness: 0 gives black."""
+  return _blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  """ImageEnhance.Sharpness: 0 gives PIL's SMOOTH filter (3x3, centre 5, /13; border pixels kept)."""
+  x = tf.cast(image, tf.float32)
+  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = tf.round(tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], 'VALID')[0])
+  inner = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
+  degenerate = tf.where(inner > 0, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), x)
+  return _blend(degenerate, image, factor)
+
+
+def _affine(image: tf.Tensor, matrix: Sequence[tf.Tensor], fill: Sequence[int]) -> tf.Tensor:
+  """PIL Image.transform(AFFINE, matrix): output pixel (x, y) samples the input at
+  (a x + b y + c, d x + e y + f) in PIL's continuous coordinates; outside pixels get `fill`."""
+  a, b, c, d, e, f = [tf.cast(m, tf.float32) for m in matrix]
+  # PIL measures from pixel corners, TF from pixel centres.
+  c, f = c + 0.5 * (a + b - 1.), f + 0.5 * (d + e - 1.)
+  transform = tf.stack([a, b, c, d, e, f, 0., 0.])[None]
+  x = tf.cast(image, tf.float32)
+  x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)  # 4th channel: 1 where the input was sampled.
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=x[None], transforms=transform, output_shape=tf.shape(image)[:2], fill_value=0.,
+      interpolation='BILINEAR', fill_mode='CONSTANT')[0]
+  out = out[..., :3] + (1. - out[..., 3:]) * tf.constant(fill, tf.float32)
+  return tf.cast(tf.clip_by_value(tf.round(out), 0., 255.), tf.uint8)
+
+
+def rotate(image: tf.Tensor, degrees: tf.Tensor, fill: Sequence[int]) -> tf.Tensor:
+  """Image.rotate: counter-clockwise about the centre."""
+  h = tf.cast(tf.shape(image)[0], tf.float32)
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  t = degrees * (math.pi / 180.)
+  cos, sin = tf.cos(t), tf.sin(t)
+  cx, cy = w / 2., h / 2.
+  return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], fill)
+
+
+def shear_x(image: tf.Tensor, factor: tf.Tensor, fill: Sequence[int]) -> tf.Tensor:
+  return _affine(image, [1., factor, 0., 0., 1., 0.], fill)
+
+
+def shear_y(image: tf.Tensor, factor: tf.Tensor, fill: Sequence[int]) -> tf.Tensor:
+  return _affine(image, [1., 0., 0., factor, 1., 0.], fill)
+
+
+def translate_x(image: tf.Tensor, pixels: tf.Tensor, fill: Sequence[int]) -> tf.Tensor:
+  return _affine(image, [1., 0., pixels, 0., 1., 0.], fill)
+
+
+def translate_y(image: tf.Tensor, pixels: tf.Tensor, fill: Sequence[int]) -> tf.Tensor:
+  return _affine(image, [1., 0., 0., 0., 1., pixels], fill)
+
+
+# RandAugment.
+
+@dataclasses.dataclass(frozen=True)
+class RandAugmentConfig:
+  """Parsed timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1'."""
+  magnitude: float = 10.
+  num_layers: int = 2
+  magnitude_std: float = 0.  # inf: magnitude ~ U(0, magnitude).
+  magnitude_max: float = 10.
+  increasing: bool = False
+
+  @classmethod
+  def parse(cls, spec: str) -> 'RandAugmentConfig':
+    parts = spec.split('-')
+    if parts[0] != 'rand':
+      raise UserError(f'randaugment={spec!r} must start with "rand": {_RA_HELP}.')
+    fields = {'m': 'magnitude', 'n': 'num_layers', 'mstd': 'magnitude_std', 'mmax': 'magnitude_max',
+              'inc': 'increasing'}
+    kwargs = {}
+    for part in parts[1:]:
+      match = re.fullmatch(r'([a-z]+)(\d+(?:\.\d+)?)', part)
+      if not match or match[1] not in fields:
+        raise UserError(f'randaugment={spec!r}: unsupported section {part!r}; use {_RA_HELP}.')
+      key, value = fields[match[1]], float(match[2])
+      if key == 'magnitude_std' and value > 100:  # timm: mstd > 100 means uniform sampling.
+        value = math.inf
+      kwargs[key] = int(value) if key == 'num_layers' else bool(value) if key == 'increasing' else value
+    return cls(**kwargs)
+
+
+def _negate(value: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+  """timm _randomly_negate: flips the sign with probability 1/2."""
+  return tf.where(uniform(key) > 0.5, -value, value)
+
+
+def _trunc(x: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.floor(x), tf.int32)
+
+
+Op = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]  # (image, magnitude, key) → image.
+
+
+def _ops(increasing: bool, fill: Sequence[int]) -> list[Op]:
+  """timm's _RAND_TRANSFORMS (or _RAND_INCREASING_TRANSFORMS) with their magnitude→argument maps."""
+  def level(m):
+    return m / _LEVEL_DENOM
+
+  if increasing:
+    enhance = lambda m, k: tf.maximum(0.1, 1. + _negate(level(m) * 0.9, k))
+    bits = lambda m: 4 - _trunc(level(m) * 4.)
+    threshold = lambda m: 256 - _trunc(level(m) * 256.)
+  else:
+    enhance = lambda m, k: level(m) * 1.8 + 0.1
+    bits = lambda m: _trunc(level(m) * 4.)
+    threshold = lambda m: _trunc(level(m) * 256.)
+
+  def width(img):
+    return tf.cast(tf.shape(img)[1], tf.float32)
+
+  def height(img):
+    return tf.cast(tf.shape(img)[0], tf.float32)
+
+  return [
+      lambda img, m, k: auto_contrast(img),
+      lambda img, m, k: equalize(img),
+      lambda img, m, k: invert(img),
+      lambda img, m, k: rotate(img, _negate(level(m) * 30., k), fill),
+      lambda img, m, k: posterize(img, bits(m)),
+      lambda img, m, k: solarize(img, threshold(m)),
+      lambda img, m, k: solarize_add(img, _trunc(level(m) * 110.)),
+      lambda img, m, k: color(img, enhance(m, k)),
+      lambda img, m, k: contrast(img, enhance(m, k)),
+      lambda img, m, k: brightness(img, enhance(m, k)),
+      lambda img, m, k: sharpness(img, enhance(m, k)),
+      lambda img, m, k: shear_x(img, _negate(level(m) * 0.3, k), fill),
+      lambda img, m, k: shear_y(img, _negate(level(m) * 0.3, k), fill),
+      lambda img, m, k: translate_x(img, _negate(level(m) * 0.45, k) * width(img), fill),
+      lambda img, m, k: translate_y(img, _negate(level(m) * 0.45, k) * height(img), fill),
+  ]
+
+
+def randaugment(image: tf.Tensor, key: tf.Tensor, config: RandAugmentConfig,
+                fill: Sequence[int]) -> tf.Tensor:
+  """timm RandAugment on uint8 (H, W, 3): `num_layers` ops drawn with replacement from the 15, each
+  applied with probability 1/2 at magnitude ~ N(m, mstd) clipped to [0, mmax]; `fill` is the RGB
+  fill of the geometric ops (timm: round(255 * mean))."""
+  ops = _ops(config.increasing, fill)
+  for layer_key in tf.unstack(tf.random.experimental.stateless_split(key, config.num_layers)):
+    k_op, k_apply, k_mag, k_arg = tf.unstack(tf.random.experimental.stateless_split(layer_key, 4))
+    magnitude = tf.constant(config.magnitude, tf.float32)
+    if math.isinf(config.magnitude_std):
+      magnitude = uniform(k_mag, maxval=config.magnitude)
+    elif config.magnitude_std > 0:
+      magnitude += config.magnitude_std * tf.random.stateless_normal([], k_mag)
+    magnitude = tf.clip_by_value(magnitude, 0., config.magnitude_max or _LEVEL_DENOM)
+    index = tf.random.stateless_uniform([], k_op, 0, len(ops), dtype=tf.int32)
+    branches = [lambda op=op, img=image, m=magnitude, k=k_arg: op(img, m, k) for op in ops]
+    image = tf.cond(uniform(k_apply) <= 0.5, lambda b=branches: tf.switch_case(index, b),
+                    lambda img=image: img)
+  return image
+
+
+def color_jitter(image: tf.Tensor, key: tf.Tensor, strength: float) -> tf.Tensor:
+  """torchvision ColorJitter(brightness=s, contrast=s, saturation=s) as timm uses it: each factor
+  ~ U(max(0, 1 - s), 1 + s), the three applied in random order."""
+  k_order, *k_factors = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+  factors = [uniform(k, minval=max(0., 1. - strength), maxval=1. + strength) for k in k_factors]
+  order = tf.argsort(uniform(k_order, [3]))
+  fns = [brightness, contrast, color]
+  for i in range(3):
+    image = tf.switch_case(order[i], [lambda f=f, x=factors[j], img=image: f(img, x)
+                                      for j, f in enumerate(fns)])
+  return image
+
+
+def random_erasing(x: tf.Tensor, key: tf.Tensor, prob: float, *, min_area: float = 0.02,
+                   max_area: float = 1 / 3, min_aspect: float = 0.3) -> tf.Tensor:
+  """timm RandomErasing(mode='pixel', max_count=1) on normalised float32 (H, W, C) of static shape:
+  with probability `prob`, one rectangle (area fraction U(min_area, max_area), log aspect
+  U(log min_aspect, -log min_aspect), first of 10 tries that fits) becomes N(0, 1) noise."""
+  h, w, c = x.shape
+  k_apply, k_area, k_aspect, k_top, k_left, k_noise = tf.unstack(
+      tf.random.experimental.stateless_split(key, 6))
+  area = uniform(k_area, [10], min_area, max_area) * (h * w)
+  aspect = tf.exp(uniform(k_aspect, [10], math.log(min_aspect), -math.log(min_aspect)))
+  eh = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  ew = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (ew < w) & (eh < h)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  eh, ew = eh[first], ew[first]
+  erase = (uniform(k_apply) < prob) & tf.reduce_any(fits)
+  top = randint(k_top, 0, h - eh)
+  left = randint(k_left, 0, w - ew)
+  rows = tf.range(h)[:, None]
+  cols = tf.range(w)[None, :]
+  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & erase
+  return tf.where(inside[..., None], tf.random.stateless_normal([h, w, c], k_noise), x)

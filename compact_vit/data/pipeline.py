@@ -1,0 +1,195 @@
+"""The input pipeline the trainer uses: `dataset_cfg` → per-process numpy batches, deterministic and
+resumable.
+
+`dataset_cfg` fields (defaults when absent): `name` ('digits', 'imagenet2012', any TFDS name, or
+'folder:/root' with root/<split>/<class>/*.jpg|png), `data_dir` (None: TFDS's default), `train_split`
+('train'), `eval_split` ('validation'), `shuffle_buffer` (10_000; TFDS sources only, folder and cached
+sources are fully permuted), `cache` (False: keep the process's slice in host memory, decoded when all
+images share a shape), `mean`/`std` (ImageNet's, on the 0..1 scale). `aug_cfg`: see
+`transforms.TrainAugment`. Batch sizes are per process.
+
+Train (`train_iterator`), infinite: each process reads its fixed, near-equal slice of the train split
+(`tfds.even_splits`). Epoch e shuffles that slice with the stateless seed (seed, e) (TFDS: file order
+plus a `shuffle_buffer` shuffle; folder and cached: a full permutation) and yields exactly
+steps_per_epoch = num_train // (batch_size * process_count) batches, dropping the rest of the slice
+(less than one global batch, a different random part each epoch). So steps [e * steps_per_epoch,
+(e + 1) * steps_per_epoch) are epoch e on every process, and batches never cross epochs. Example j
+of epoch e is augmented by stateless ops keyed by (seed, e, j * process_count + process_index).
+Batch k is thus a pure function of (seed, k, process_index, process_count), and `start_step=k`
+yields exactly what an uninterrupted iterator yields from its k-th batch on: it starts at epoch
+k // steps_per_epoch and skips (k % steps_per_epoch) * batch_size records before decoding them.
+All epochs form one tf.data pipeline (counter → flat_map), so nothing is rebuilt between epochs.
+
+Eval (`eval_iterator`): one pass in a fixed order; the last batches are padded (mask False) so every
+process yields `num_eval_batches(...)` batches and every example counts once across processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterator
+
+import numpy as np
+
+from compact_vit.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
+                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Class count and split sizes of a dataset."""
+  num_classes: int
+  num_train: int  # Examples in the train split (whole, all processes).
+  num_eval: int  # Examples in the eval split.
+
+
+def _field(cfg: Any, name: str) -> Any:
+  if name == 'name':
+    return cfg.name
+  value = getattr(cfg, name, _DEFAULTS[name])
+  return _DEFAULTS[name] if value is None and name != 'data_dir' else value
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(name: str, data_dir: str | None, train_split: str):
+  from compact_vit.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.open_dataset(name, data_dir, train_split)
+
+
+@functools.lru_cache(maxsize=4)
+def _in_memory(name: str, data_dir: str | None, train_split: str, split: str, index: int, count: int):
+  from compact_vit.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.in_memory(_dataset(name, data_dir, train_split).shard(split, index, count))
+
+
+def _open(cfg: Any):
+  return _dataset(_field(cfg, 'name'), _field(cfg, 'data_dir'), _field(cfg, 'train_split'))
+
+
+def _shard(cfg: Any, split: str, index: int, count: int):
+  if _field(cfg, 'cache'):
+    return _in_memory(_field(cfg, 'name'), _field(cfg, 'data_dir'), _field(cfg, 'train_split'), split,
+                      index, count)
+  return _open(cfg).shard(split, index, count)
+
+
+def _check(*, batch_size: int, process_index: int, process_count: int, img_size: int | None = None) -> None:
+  if batch_size < 1:
+    raise UserError(f'The per-process batch size must be >= 1, got {batch_size}.')
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise UserError(f'Bad process_index={process_index} / process_count={process_count}.')
+  if img_size is not None and img_size < 3:
+    raise UserError(f'img_size={img_size} must be >= 3.')
+
+
+def _mean_std(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  mean = tuple(float(m) for m in _field(cfg, 'mean'))
+  std = tuple(float(s) for s in _field(cfg, 'std'))
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise UserError(f'dataset.mean={mean} / dataset.std={std} must be RGB 3-tuples on the 0..1 scale '
+                    'with std > 0, e.g. ImageNet (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).')
+  return mean, std
+
+
+def _options():
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1  # Parallelism comes from parallel map calls.
+  return options
+
+
+def get_info(dataset_cfg: Any) -> DatasetInfo:
+  """Class count and split sizes; prepares `digits` (or a downloadable TFDS dataset) on first use."""
+  dataset = _open(dataset_cfg)
+  return DatasetInfo(num_classes=dataset.num_classes,
+                     num_train=dataset.num_examples(_field(dataset_cfg, 'train_split')),
+                     num_eval=dataset.num_examples(_field(dataset_cfg, 'eval_split')))
+
+
+def steps_per_epoch(dataset_cfg: Any, *, batch_size: int, process_count: int = 1) -> int:
+  """num_train // (batch_size * process_count): the batches each process yields per epoch."""
+  num_train = get_info(dataset_cfg).num_train
+  steps = num_train // (batch_size * process_count)
+  if steps < 1:
+    raise UserError(f'The global batch ({batch_size} x {process_count} processes) is larger than the '
+                    f'train split ({num_train} examples); use a smaller batch_size.')
+  return steps
+
+
+def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size: int, seed: int,
+                   start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite train batches from step `start_step` on: {'image': float32 (B, img_size, img_size, 3)
+  normalised, 'label': int32 (B,)} with B = batch_size (per process)."""
+  from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  _check(batch_size=batch_size, process_index=process_index, process_count=process_count,
+         img_size=img_size)
+  if start_step < 0:
+    raise UserError(f'start_step={start_step} must be >= 0.')
+  aug = transforms.TrainAugment.from_config(aug_cfg)
+  mean, std = _mean_std(dataset_cfg)
+  steps = steps_per_epoch(dataset_cfg, batch_size=batch_size, process_count=process_count)
+  shard = _shard(dataset_cfg, _field(dataset_cfg, 'train_split'), process_index, process_count)
+  buffer = int(_field(dataset_cfg, 'shuffle_buffer'))
+  first_epoch, skip_steps = divmod(start_step, steps)
+
+  def epoch_records(epoch):
+    key = tf.stack([tf.constant(seed % 2**63, tf.int64), epoch])
+    ds = shard.records(key)
+    if not shard.exact_shuffle and buffer > 1:
+      ds = ds.shuffle(buffer, seed=tf.random.stateless_uniform([], key, None, None, tf.int64))
+    return ds.take(steps * batch_size).enumerate().map(lambda i, rec: (key, i, rec))
+
+  def preprocess(key, i, record):
+    ref, label = record
+    key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
+    image = transforms.train_transform(shard.load(ref), key, aug, img_size=img_size, mean=mean, std=std)
+    return {'image': image, 'label': label}
+
+  # One pipeline for all epochs, so the augmentation graph is instantiated once.
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(skip_steps * batch_size)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(_options())
+  return ds.as_numpy_iterator()
+
+
+def num_eval_batches(dataset_cfg: Any, *, batch_size: int, process_count: int = 1) -> int:
+  """The batches every process yields in one eval pass: ceil(largest process slice / batch_size)."""
+  _check(batch_size=batch_size, process_index=0, process_count=process_count)
+  dataset, split = _open(dataset_cfg), _field(dataset_cfg, 'eval_split')
+  largest = max(dataset.shard_size(split, i, process_count) for i in range(process_count))
+  return math.ceil(largest / batch_size)
+
+
+def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct: float,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over this process's slice of the eval split: {'image': float32 (B, img_size,
+  img_size, 3), 'label': int32 (B,), 'mask': bool (B,)}, padded with mask False to exactly
+  `num_eval_batches(...)` batches."""
+  from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  _check(batch_size=batch_size, process_index=process_index, process_count=process_count,
+         img_size=img_size)
+  if not 0 < crop_pct <= 1:
+    raise UserError(f'crop_pct={crop_pct} must be in (0, 1] (timm: 0.875 for most models).')
+  mean, std = _mean_std(dataset_cfg)
+  num_batches = num_eval_batches(dataset_cfg, batch_size=batch_size, process_count=process_count)
+  shard = _shard(dataset_cfg, _field(dataset_cfg, 'eval_split'), process_index, process_count)
+
+  def preprocess(ref, label):
+    image = transforms.eval_transform(shard.load(ref), img_size=img_size, crop_pct=crop_pct, mean=mean,
+                                      std=std)
+    return {'image': image, 'label': label, 'mask': tf.constant(True)}
+
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([img_size, img_size, 3]), 'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(False)}).repeat(num_batches * batch_size - shard.size)
+  ds = shard.records(None).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
+  return ds.batch(batch_size).prefetch(2).with_options(_options()).as_numpy_iterator()
