@@ -27,6 +27,29 @@ def quiet_logs() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing (which loads the config file) with one-line errors instead of tracebacks.
+
+  A misspelt `--config.FIELD` or a bad `--config` argument exits with status 2 and a message.
+  """
+  from absl import flags
+  try:
+    argv = flags.FLAGS(argv)
+    getattr(flags.FLAGS.config, "model", None)  # a bad config file is reported on first access
+    return argv
+  except Exception as e:  # pylint: disable=broad-except  (config files may raise anything)
+    lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+      lines = lines[-1:]  # the config file's own exception, without the embedded traceback
+    message = " ".join(lines).replace("\\'", "'")
+    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+      message = message[1:-1]
+    print(f"error: invalid command line: {message}", file=sys.stderr, flush=True)
+    print(f"usage: python {os.path.basename(argv[0])} --config configs/X.py[:ARGS] "
+          "[--workdir DIR] [--config.FIELD=VALUE ...]", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_guarded(fn: Callable[[], object]) -> None:
   """Runs `fn`; a UserError becomes one line on stderr and exit status 2, with no traceback."""
   try:

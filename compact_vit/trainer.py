@@ -181,9 +181,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def load_init_from(directory: str, abstract_params: Any) -> dict[str, Any]:
   """Variables of a converted checkpoint, checked against the model's parameter tree."""
   variables, meta = checkpointing.load_variables(directory)
-  checkpointing.check_tree_matches(
-      abstract_params, variables["params"],
-      f"Checkpoint {directory} (model {meta.get('model')!r})")
+  try:
+    checkpointing.check_tree_matches(
+        abstract_params, variables["params"],
+        f"Checkpoint {directory} (model {meta.get('model')!r})")
+  except UserError as e:
+    raise UserError(f"{e}. For another input size or class count, convert the weights again "
+                    "with `python -m compact_vit.convert ... --img-size S --num-classes N`.") from e
   return variables
 
 

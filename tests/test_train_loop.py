@@ -166,6 +166,8 @@ def test_config_typo(tmp_path, data_dir):
   _assert_clean_error(out, "lrr")
   out = _run("train.py", "configs/deit_s.py:quik", tmp_path, data_dir)
   _assert_clean_error(out, "quik")
+  out = _run("eval.py", "configs/no_such_config.py", tmp_path, data_dir)
+  _assert_clean_error(out, "no_such_config.py", "No such file")
 
 
 def _save_quick_shaped(directory, name="deit_small_patch16_224", seed=7, **extra):
