@@ -380,4 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if stopped_by:
     print(f"Received {stopped_by}: saved a checkpoint at step {step} in {ckpt.directory}; "
           "rerun the same command to resume.", flush=True)
+  elif final_eval:
+    print(f"Done: step {step}, val top-1 {final_eval['val/top1']:.4f}, top-5 "
+          f"{final_eval['val/top5']:.4f}. Outputs in {os.path.abspath(workdir)}.", flush=True)
   return {"step": step, "stopped": stopped_by, **final_eval}

@@ -8,5 +8,8 @@ it with `compact_vit.checkpointing.save_variables`. Each family's fixes live in
 from compact_vit.convert.core import (load_pytorch_state_dict, read_state_dict,
                                       register_converter)
 from compact_vit.convert import vit  # noqa: F401  registers the ViT / DeiT converter
+from compact_vit.convert import efficientformer, regnet  # noqa: F401  EfficientFormer V1/V2, RegNetY
+from compact_vit.convert import sepvit  # noqa: F401  registers the SepViT converter
+from compact_vit.convert import uninet  # noqa: F401  registers the UniNet converter
 
 __all__ = ["load_pytorch_state_dict", "read_state_dict", "register_converter"]

@@ -61,3 +61,8 @@ def _factory(name: str) -> Factory:
 
 # Family modules register their names on import.
 from compact_vit.models import vit  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import efficientformer  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import efficientformer_v2  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import regnet  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import sepvit  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import uninet  # noqa: E402,F401  pylint: disable=wrong-import-position

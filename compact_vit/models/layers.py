@@ -192,3 +192,42 @@ class PatchEmbed(nn.Module):
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
   """Stochastic depth rates, linear from 0 (first block) to `drop_path_rate` (last), as timm."""
   return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
+
+
+# ----------------------------------------------------------------------------- convolutional pieces
+# Shared by the families with BatchNorm (EfficientFormer V1/V2, RegNet). NHWC throughout.
+
+BN_EPS = 1e-5
+
+
+def batch_norm(name: str, train: bool, dtype: Dtype, param_dtype: Dtype) -> nn.BatchNorm:
+  """torch's BatchNorm2d defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9); running statistics
+  live in the `batch_stats` collection and are used when `train` is False. Flax updates the running
+  variance with the biased batch variance (torch: unbiased), a difference that only matters for
+  very small batches."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
+
+
+class ConvNormAct(nn.Module):
+  """timm's ConvNormAct: `conv` (k x k, stride, groups, 'same'-style padding (k - 1) // 2) -> `bn`
+  (BatchNorm) -> `act` (None for none). x: (B, H, W, C) -> (B, ceil(H/s), ceil(W/s), features)."""
+  features: int
+  kernel_size: int = 1
+  strides: int = 1
+  groups: int = 1
+  use_bias: bool = True
+  act: Any = None
+  kernel_init: Any = conv_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    pad = (self.kernel_size - 1) // 2
+    x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
+                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="conv")(x)
+    x = batch_norm("bn", train, self.dtype, self.param_dtype)(x)
+    return x if self.act is None else self.act(x)
