@@ -46,7 +46,7 @@ def load_eval_variables(config: ml_collections.ConfigDict, workdir: str, model,
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         split: str | None = None, measure_speed: bool = True) -> dict[str, Any]:
   """Evaluates and writes WORKDIR/eval_<split>.json; returns the record."""
-  trainer.validate_config(config)
+  trainer.validate_config(config, training=False)
   from compact_vit.data import pipeline
 
   split = split or config.dataset.eval_split

@@ -154,11 +154,16 @@ def evaluate(eval_fn: Callable, variables: Any, batches: Iterator[Mapping[str, n
 
 # ----------------------------------------------------------------------------- helpers
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """User-fixable config errors, raised before any data is read or anything compiles."""
+def validate_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
+  """User-fixable config errors, raised before any data is read or anything compiles.
+
+  `training=False` (evaluation) skips the checks of what only training uses (the teacher).
+  """
   names = models.list_models()
   if config.model.name not in names:
     raise UserError(f"Unknown model {config.model.name!r}. Available: {', '.join(names)}.")
+  if not training:
+    return
   if config.distill.type not in ("none", "soft", "hard"):
     raise UserError(f"config.distill.type={config.distill.type!r}: use none, soft or hard.")
   if config.distill.type != "none":
