@@ -247,10 +247,11 @@ def make_quick_uninet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def make_quick_reformer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Reformer-ViT on `digits`: 32x32 inputs in 4x4 patches (64 tokens + CLS, padded to 80 = five
-  LSH chunks of 16 per hash round, 10 buckets, 2 rounds), 4 reversible layers of width 128."""
-  make_quick(c, patch_size=4, depth=4, embed_dim=128, num_heads=2, chunk_len=16, n_hashes=2,
-             drop_path_rate=0.0)
-  c.img_size = 32
-  c.total_epochs = 20
+  """Reformer-ViT on `digits`: 16x16 inputs in 4x4 patches (16 tokens + CLS, padded to 20 = five
+  LSH chunks of 4 per hash round, 10 buckets, 2 rounds), 4 reversible layers of width 128,
+  average-pooled head."""
+  make_quick(c, patch_size=4, depth=4, embed_dim=128, num_heads=2, chunk_len=4, n_hashes=2,
+             global_pool="avg", drop_path_rate=0.0)
+  c.img_size = 16
+  c.total_epochs = 30
   return c

@@ -66,3 +66,4 @@ from compact_vit.models import efficientformer_v2  # noqa: E402,F401  pylint: di
 from compact_vit.models import regnet  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.models import sepvit  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.models import uninet  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import reformer  # noqa: E402,F401  pylint: disable=wrong-import-position
