@@ -195,11 +195,12 @@ def _temp_bytes(depth, reversible, attention="lsh"):
 
 
 def test_reversible_activation_memory_does_not_grow_with_depth():
-  """XLA's temp buffers of a full gradient: reversible (LSH) depth 8 within 1.2x of depth 2, while
-  an ordinary residual stack (dense, which compiles faster) grows by more than 2.5x.
-  benchmarks/reformer.py has the full-size numbers."""
-  assert _temp_bytes(8, True) < 1.2 * _temp_bytes(2, True)
-  assert _temp_bytes(8, False, "dense") > 2.5 * _temp_bytes(2, False, "dense")
+  """XLA's temp buffers of a full gradient: reversible (LSH) depth 8 within 1.2x of depth 2 and
+  under half of an ordinary residual stack's at depth 8 (dense there: it compiles faster), which
+  shows the analysis does count stored activations. benchmarks/reformer.py has full-size numbers."""
+  reversible_8 = _temp_bytes(8, True)
+  assert reversible_8 < 1.2 * _temp_bytes(2, True)
+  assert reversible_8 < 0.5 * _temp_bytes(8, False, "dense")
 
 
 # ----------------------------------------------------------------------------- model
@@ -221,10 +222,11 @@ def tiny():
 
 
 def test_model_reversible_gradients_equal_ordinary_backprop(tiny, monkeypatch):
-  """The full model with LSH, attention/projection dropout, drop path and a chunked MLP: the custom
-  VJP (inputs rebuilt from outputs, dropout replayed) against autodiff of the same forward."""
+  """The full model with LSH, dropout (attention projection and MLP), drop path and a chunked MLP:
+  the custom VJP (inputs rebuilt from outputs, dropout replayed) against autodiff of the same
+  forward. (Attention-weight dropout uses the same replayed key; left out to save compile time.)"""
   _, variables, x = tiny
-  model = _tiny_model(attn_drop_rate=0.1, proj_drop_rate=0.1, ff_chunk_len=8)
+  model = _tiny_model(proj_drop_rate=0.1, ff_chunk_len=8)
 
   def value_and_grad(memory_efficient):
     monkeypatch.setattr(reformer, "reversible_stack",
