@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from compact_vit import checkpointing, losses, models, optim, sharding
+from compact_vit import checkpointing, losses, models, objectives, optim, sharding
 from compact_vit.errors import UserError
 from compact_vit.writers import MetricWriter, Progress
 
@@ -68,64 +68,41 @@ def model_variables(state: State, params_key: str = "params") -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- steps
 
-def compute_loss(outputs, targets: jax.Array, teacher_logits: jax.Array | None,
-                 distill_cfg: Mapping[str, Any]) -> jax.Array:
-  """Classification loss plus DeiT-style distillation.
-
-  `outputs` is logits (B, C) or, for models with a distillation token, (cls_logits, dist_logits).
-  soft: (1-α)·CE + α·τ²·KL(teacher ‖ student); hard: (1-α)·CE + α·CE(student, argmax teacher).
-  The distillation term uses the distillation head where there is one, otherwise the class head.
-  """
-  cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
-  base = losses.soft_cross_entropy(cls_logits, targets)
-  kind = distill_cfg["type"]
-  if kind == "none":
-    if isinstance(outputs, tuple):
-      return 0.5 * (base + losses.soft_cross_entropy(dist_logits, targets))
-    return base
-  alpha = distill_cfg["alpha"]
-  if kind == "soft":
-    distill = losses.kl_distillation(dist_logits, teacher_logits, distill_cfg["tau"])
-  else:
-    hard = jax.nn.one_hot(jnp.argmax(teacher_logits, axis=-1), cls_logits.shape[-1])
-    distill = losses.soft_cross_entropy(dist_logits, hard)
-  return (1.0 - alpha) * base + alpha * distill
+compute_loss = objectives.compute_loss  # re-exported: the default objective's loss
 
 
 def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, *, model, tx,
                schedule: Callable, base_rng: jax.Array, num_classes: int, aug: Mapping[str, Any],
-               distill: Mapping[str, Any], teacher=None, ema_decay: float = 0.0):
-  """One update. Returns (new state, {'loss', 'lr', 'grad_norm'}). Pure; RNG = fold_in(seed key, step)."""
+               distill: Mapping[str, Any], teacher=None, ema_decay: float = 0.0,
+               objective: Mapping[str, Any] | None = None):
+  """One update. Returns (new state, {'loss', 'lr', 'grad_norm', ...objective metrics}).
+
+  Pure; RNG = fold_in(seed key, step). `objective` is config.objective ({'name': ..., options});
+  the objective (compact_vit/objectives.py) returns the loss and gradients.
+  """
+  objective = dict(objective or {"name": "classification"})
+  objective_fn = objectives.get(objective.pop("name"))
   rng = jax.random.fold_in(base_rng, state["step"])
-  k_mix, k_drop, k_sample = jax.random.split(rng, 3)
+  k_mix, k_drop, k_sample, k_objective = jax.random.split(rng, 4)
   images, targets = losses.mixup_cutmix(
       k_mix, batch["image"], batch["label"], num_classes=num_classes,
       mixup_alpha=aug["mixup_alpha"], cutmix_alpha=aug["cutmix_alpha"], prob=aug["mixup_prob"],
       switch_prob=aug["mixup_switch_prob"], label_smoothing=aug["label_smoothing"])
-  teacher_logits = None
-  if teacher is not None:
-    teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False))
-  has_bn = "batch_stats" in state
-
-  def loss_fn(params):
-    variables = {"params": params}
-    if has_bn:
-      variables["batch_stats"] = state["batch_stats"]
-    out = model.apply(variables, images, train=True, rngs={"dropout": k_drop, "sample": k_sample},
-                      mutable=["batch_stats"] if has_bn else False)
-    outputs, new_vars = out if has_bn else (out, {})
-    return compute_loss(outputs, targets, teacher_logits, distill), new_vars
-
-  (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  ctx = objectives.StepContext(
+      model=model, images=images, targets=targets, rngs={"dropout": k_drop, "sample": k_sample},
+      key=k_objective, step=state["step"], batch_stats=state.get("batch_stats"), distill=distill,
+      options=objective, teacher=teacher, teacher_vars=teacher_vars)
+  loss, grads, batch_stats, extra = objective_fn(state["params"], ctx)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-  if has_bn:
-    new_state["batch_stats"] = new_vars["batch_stats"]
+  if batch_stats is not None:
+    new_state["batch_stats"] = batch_stats
   if "ema_params" in state:
     new_state["ema_params"] = jax.tree.map(
         lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
-  metrics = {"loss": loss, "lr": schedule(state["step"]), "grad_norm": optax.global_norm(grads)}
+  metrics = {**extra, "loss": loss, "lr": schedule(state["step"]),
+             "grad_norm": optax.global_norm(grads)}
   return new_state, metrics
 
 
@@ -181,6 +158,13 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
       raise UserError(f"config.{field} must be positive, got {config[field]}.")
   if config.total_steps is None and config.total_epochs <= 0:
     raise UserError("Set config.total_epochs > 0 or config.total_steps.")
+  objectives.get(objective_options(config)["name"])
+
+
+def objective_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.objective as a dict ({'name': 'classification'} when the config has none)."""
+  objective = config.get("objective")
+  return objective.to_dict() if objective is not None else {"name": "classification"}
 
 
 def load_init_from(directory: str, abstract_params: Any) -> dict[str, Any]:
@@ -309,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(
           train_step, model=model, tx=tx, schedule=schedule, base_rng=jax.random.key(config.seed),
           num_classes=info.num_classes, aug=config.aug.to_dict(),
-          distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay),
+          distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay,
+          objective=objective_options(config)),
       donate_argnums=(0,), out_shardings=(state_sh, repl))
   eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
 
@@ -365,8 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.log_every == 0 or is_last:
         loss = check(pending)
         host = jax.device_get(metrics)
-        record = {"train/loss": loss, "train/lr": float(host["lr"]),
-                  "train/grad_norm": float(host["grad_norm"]), "train/epoch": step / steps_per_epoch}
+        record = {f"train/{k}": float(v) for k, v in host.items()}
+        record.update({"train/loss": loss, "train/epoch": step / steps_per_epoch})
         if step > start_step + 1:
           record["train/images_per_sec"] = progress.update(step)
         writer.write(step, record)

@@ -169,3 +169,28 @@ def test_bfloat16_compute_keeps_float32_parameters():
   state, metrics = step(state, _fake_batch(0), None)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state["params"]))
   assert np.isfinite(float(metrics["loss"]))
+
+
+def test_registered_objective_drives_the_step_and_reports_its_metrics():
+  """A custom objective's loss, gradients and metrics reach the update; options pass through."""
+  from compact_vit import objectives
+
+  @objectives.register("_test_scaled")
+  def scaled(params, ctx):
+    loss, grads, batch_stats, _ = objectives.classification(params, ctx)
+    scale = ctx.options["scale"]
+    return scale * loss, jax.tree.map(lambda g: scale * g, grads), batch_stats, {"scale": scale}
+
+  model, state, _ = _tiny_setup()
+  tx = optax.sgd(1.0)
+  state = trainer.create_train_state(model, tx, jax.random.key(0), 16, use_ema=False)
+  aug = dict(mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+             label_smoothing=0.0)
+  kw = dict(model=model, tx=tx, schedule=lambda s: 1.0, base_rng=jax.random.key(1), num_classes=3,
+            aug=aug, distill={"type": "none"})
+  _, plain = trainer.train_step(state, _fake_batch(0), None, **kw)
+  _, scaled_metrics = trainer.train_step(state, _fake_batch(0), None, **kw,
+                                         objective={"name": "_test_scaled", "scale": 3.0})
+  np.testing.assert_allclose(scaled_metrics["loss"], 3.0 * plain["loss"], rtol=1e-5)
+  np.testing.assert_allclose(scaled_metrics["grad_norm"], 3.0 * plain["grad_norm"], rtol=1e-5)
+  assert float(scaled_metrics["scale"]) == 3.0
