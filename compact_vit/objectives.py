@@ -30,7 +30,7 @@ def register(name: str):
 
 
 def get(name: str) -> Objective:
-  from compact_vit import models  # noqa: F401  (families register their objectives on import)
+  from compact_vit import models, search  # noqa: F401  (families register objectives on import)
   if name not in _OBJECTIVES:
     raise UserError(f"Unknown config.objective.name {name!r}. Available: "
                     f"{', '.join(sorted(_OBJECTIVES))}.")
