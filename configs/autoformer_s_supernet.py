@@ -1,0 +1,20 @@
+"""AutoFormer-S supernet (Chen et al., ICCV 2021; microsoft/Cream AutoFormer supernet_train.py).
+
+Trains the weight-entangled supernet over the S search space, one uniformly sampled subnet per
+step (objective `autoformer_supernet`): the authors' command (--epochs 500 --warmup-epochs 20,
+8 GPUs x batch 128 = 1024, AdamW lr 5e-4 x 1024/512, wd 0.05, drop path 0.1, DeiT augmentation):
+
+  python train.py --config configs/autoformer_s_supernet.py --workdir runs/autoformer_s_supernet
+
+then search it with configs/autoformer_s_search.py. val/top1 is that of the largest subnet.
+`:retrain` trains the published AutoFormer-S (registry `autoformer_s`; 22.9M params, 4.9 GMACs;
+top-1 81.7%) from scratch with the DeiT recipe; `--config.model.*` overrides give any searched
+subnet.
+`:quick` trains a small supernet on `digits` (25 epochs, a few minutes on a 2-core CPU; measured:
+the largest subnet 74.7% val top-1, the best subnet found by the quick search 78.1%).
+"""
+from configs import autoformer_common
+
+
+def get_config(arg=None):
+  return autoformer_common.supernet_config("s", arg)

@@ -1,0 +1,17 @@
+"""TF-TAS training-free search over the AutoFormer-S space (Zhou et al., CVPR 2022;
+decemberzhou/TF_TAS search_autoformer.py).
+
+Ranks 8,000 random subnets within the parameter limits by the DSS indicator (synaptic diversity of
+the attention linears + synaptic saliency of the MLPs) of the randomly initialised supernet, with no
+training and no data:
+
+  python search.py --config configs/tftas_s_search.py --workdir runs/tftas_s_search
+
+writes search.json and prints the command that retrains the winner (the paper's TF-TAS-S is
+registry `tftas_s`). `:quick` ranks 300 subnets of the small `digits` space (about a minute).
+"""
+from configs import autoformer_common
+
+
+def get_config(arg=None):
+  return autoformer_common.search_config("s", "tf_tas", arg)
