@@ -3,6 +3,9 @@
 Writes DIR/eval_<split>.json (step, top1, top5, params, gmacs, images_per_sec, params_sha256) and
 prints it as a table. With no training checkpoint in DIR, `--config.init_from=CONVERTED_DIR`
 evaluates converted weights.
+
+Multi-host: start the same command on every host with `--coordinator_address=HOST0:PORT
+--num_processes=N --process_id=I` (found automatically on Cloud TPU VMs and under SLURM).
 """
 import json
 
@@ -16,11 +19,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config>).")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default config.dataset.eval_split).")
 flags.mark_flags_as_required(["config"])
+cli.define_distributed_flags()
 
 
 def main(argv):
   del argv
   cli.quiet_logs()
+  cli.run_guarded(lambda: cli.initialize_distributed(
+      flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id))
   from compact_vit import evaluator
   path, arg = cli.split_config_flag(flags.FLAGS["config"].serialize().split("=", 1)[1])
   workdir = _WORKDIR.value or cli.default_workdir(path, arg)

@@ -2,6 +2,9 @@
 
 Writes DIR/metrics.jsonl, TensorBoard events and Orbax checkpoints under DIR/checkpoints; rerunning
 the same command resumes from the latest checkpoint.
+
+Multi-host: start the same command on every host with `--coordinator_address=HOST0:PORT
+--num_processes=N --process_id=I` (found automatically on Cloud TPU VMs and under SLURM).
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -12,11 +15,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config>).")
 flags.mark_flags_as_required(["config"])
+cli.define_distributed_flags()
 
 
 def main(argv):
   del argv
   cli.quiet_logs()
+  cli.run_guarded(lambda: cli.initialize_distributed(
+      flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id))
   from compact_vit import trainer
   path, arg = cli.split_config_flag(flags.FLAGS["config"].serialize().split("=", 1)[1])
   workdir = _WORKDIR.value or cli.default_workdir(path, arg)

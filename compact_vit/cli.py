@@ -20,6 +20,45 @@ def split_config_flag(value: str) -> tuple[str, str | None]:
   return path, (arg or None)
 
 
+def define_distributed_flags() -> None:
+  """--coordinator_address / --num_processes / --process_id for multi-host runs."""
+  from absl import flags
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0, reachable from every host (multi-host runs; found "
+                      "automatically on Cloud TPU and under SLURM).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the run.")
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+
+
+def _cluster_detected() -> bool:
+  """A multi-process launch JAX can configure itself: SLURM with several tasks, a Cloud TPU VM
+  (libtpu installed; single-host VMs initialise as one process), or JAX_COORDINATOR_ADDRESS."""
+  import importlib.util
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if all(v in os.environ for v in slurm) and int(os.environ["SLURM_NTASKS"]) > 1:
+    return True
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  return (importlib.util.find_spec("libtpu") is not None
+          and os.environ.get("TPU_SKIP_MDS_QUERY") is None)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Starts the JAX distributed runtime (before any other JAX call) when the flags are given or a
+  cluster is detected; otherwise the run is single-process. CPU processes use Gloo collectives."""
+  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+  if any(given) and not all(given):
+    raise UserError("Multi-host runs need all of --coordinator_address=HOST:PORT, "
+                    "--num_processes=N and --process_id=I (0 .. N-1) on every process.")
+  if not any(given) and not _cluster_detected():
+    return
+  import jax
+  if all(given) and not 0 <= process_id < num_processes:
+    raise UserError(f"--process_id={process_id} must be in 0 .. {num_processes - 1}.")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def quiet_logs() -> None:
   """Keeps library INFO logs (Orbax, TensorFlow) off the console; our progress goes to stdout."""
   from absl import logging

@@ -6,10 +6,20 @@ logging, evaluation, checkpointing and preemption handling.
 
 Exact resume: the step RNG is `fold_in(key(seed), step)` and the input pipeline is a pure function of
 (seed, step), so a run stopped and resumed from a checkpoint reproduces the uninterrupted run.
+
+Scale-out (compact_vit/sharding.py): `config.mesh` (data / fsdp / model axes) decides how the state
+and the batch are split; `config.grad_accum` splits each batch into micro-batches; `config.remat`
+recomputes blocks in the backward pass. Multi-host: every process runs this same loop on its own
+input slices (`config.input_shards`, default one per process: a global batch is the concatenation
+of the slices' batches in slice order, so it does not depend on how many processes read them),
+only process 0 writes logs and metrics, Orbax saves/restores the sharded state from every process,
+and a SIGTERM/SIGINT on any host makes all of them save the same step and exit.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -36,6 +46,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The model of `config.model` (name + overrides) with the dataset's classes and image size."""
   overrides = {k: v for k, v in config.model.items() if k != "name"}
   overrides.update(num_classes=num_classes, img_size=config.img_size)
+  if config.get("remat", False) and "remat" in models.accepted_overrides(config.model.name):
+    overrides["remat"] = True  # training checks in validate_config that the model has the field
   if config.dtype != "float32":
     overrides["dtype"] = jnp.dtype(config.dtype)
   return models.create_model(config.model.name, **overrides)
@@ -71,14 +83,47 @@ def model_variables(state: State, params_key: str = "params") -> dict[str, Any]:
 compute_loss = objectives.compute_loss  # re-exported: the default objective's loss
 
 
+def accumulate(objective_fn: Callable, params: Any, ctx: objectives.StepContext,
+               grad_accum: int) -> tuple:
+  """The objective averaged over `grad_accum` equal micro-batches, one at a time (`lax.scan`).
+
+  For a loss that is a mean over examples this is the update of the whole batch (up to float
+  rounding; BatchNorm statistics are those of each micro-batch, carried from one to the next).
+  Micro-batch i holds examples i, i + A, i + 2A, ... so each is split over the devices like the
+  whole batch. The model's RNG streams are folded with i (different dropout per micro-batch);
+  `ctx.key` is shared, so objective-level choices such as a sampled subnet hold for the whole step.
+  Returns what the objective returns: (loss, grads, batch_stats, metrics), means over micro-batches.
+  """
+  def split(x):  # (B, ...) -> (A, B / A, ...)
+    return jnp.moveaxis(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 1, 0)
+
+  def body(carry, xs):
+    grads_sum, batch_stats = carry
+    i, images, targets = xs
+    rngs = {name: jax.random.fold_in(key, i) for name, key in ctx.rngs.items()}
+    micro = dataclasses.replace(ctx, images=images, targets=targets, rngs=rngs,
+                                batch_stats=batch_stats)
+    loss, grads, new_stats, metrics = objective_fn(params, micro)
+    return (jax.tree.map(jnp.add, grads_sum, grads), new_stats), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, batch_stats), (loss, metrics) = jax.lax.scan(
+      body, (zeros, ctx.batch_stats),
+      (jnp.arange(grad_accum), split(ctx.images), split(ctx.targets)))
+  mean = lambda x: jnp.mean(x, axis=0)
+  return (mean(loss), jax.tree.map(lambda g: g / grad_accum, grads), batch_stats,
+          jax.tree.map(mean, metrics))
+
+
 def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, *, model, tx,
                schedule: Callable, base_rng: jax.Array, num_classes: int, aug: Mapping[str, Any],
                distill: Mapping[str, Any], teacher=None, ema_decay: float = 0.0,
-               objective: Mapping[str, Any] | None = None):
+               objective: Mapping[str, Any] | None = None, grad_accum: int = 1):
   """One update. Returns (new state, {'loss', 'lr', 'grad_norm', ...objective metrics}).
 
   Pure; RNG = fold_in(seed key, step). `objective` is config.objective ({'name': ..., options});
-  the objective (compact_vit/objectives.py) returns the loss and gradients.
+  the objective (compact_vit/objectives.py) returns the loss and gradients. Mixup/CutMix pairs
+  examples across the whole batch, then `grad_accum` > 1 runs the objective per micro-batch.
   """
   objective = dict(objective or {"name": "classification"})
   objective_fn = objectives.get(objective.pop("name"))
@@ -92,7 +137,10 @@ def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, 
       model=model, images=images, targets=targets, rngs={"dropout": k_drop, "sample": k_sample},
       key=k_objective, step=state["step"], batch_stats=state.get("batch_stats"), distill=distill,
       options=objective, teacher=teacher, teacher_vars=teacher_vars)
-  loss, grads, batch_stats, extra = objective_fn(state["params"], ctx)
+  if grad_accum > 1:
+    loss, grads, batch_stats, extra = accumulate(objective_fn, state["params"], ctx, grad_accum)
+  else:
+    loss, grads, batch_stats, extra = objective_fn(state["params"], ctx)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
@@ -158,6 +206,16 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
       raise UserError(f"config.{field} must be positive, got {config[field]}.")
   if config.total_steps is None and config.total_epochs <= 0:
     raise UserError("Set config.total_epochs > 0 or config.total_steps.")
+  if int(config.get("grad_accum", 1)) < 1:
+    raise UserError(f"config.grad_accum={config.grad_accum} must be >= 1 (1 = no accumulation).")
+  if int(config.get("input_shards", 0)) % jax.process_count():
+    raise UserError(f"config.input_shards={config.input_shards} must be a multiple of the "
+                    f"{jax.process_count()} processes (or 0: one per process).")
+  if config.get("remat", False) and "remat" not in models.accepted_overrides(config.model.name):
+    raise UserError(f"config.remat=True needs a model with a `remat` field (the ViT/DeiT family "
+                    f"has one); {config.model.name!r} has none. Set --config.remat=False, or give "
+                    "the model's blocks `nn.remat` behind a `remat` field as VisionTransformer "
+                    "does.")
   objectives.get(objective_options(config)["name"])
 
 
@@ -165,6 +223,19 @@ def objective_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """config.objective as a dict ({'name': 'classification'} when the config has none)."""
   objective = config.get("objective")
   return objective.to_dict() if objective is not None else {"name": "classification"}
+
+
+def check_remat(model, abstract_params: Any, img_size: int) -> None:
+  """Raises unless the training forward pass of `model` contains rematerialised (checkpointed)
+  computations: a model can inherit a `remat` field without applying it."""
+  x = jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32)
+  rngs = {"dropout": jax.random.key(0), "sample": jax.random.key(0)}
+  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, train=True, rngs=rngs,
+                                                  mutable=["batch_stats"]))(abstract_params, x)
+  if "checkpoint" not in str(jaxpr) and "remat" not in str(jaxpr):
+    raise UserError(f"{type(model).__name__} has a `remat` field but does not rematerialise any "
+                    "block (it overrides the forward pass); set --config.remat=False or apply "
+                    "`nn.remat` to its blocks.")
 
 
 def load_init_from(directory: str, abstract_params: Any) -> dict[str, Any]:
@@ -200,6 +271,47 @@ def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple
   return steps_per_epoch, int(total)
 
 
+def input_slices(config: ml_collections.ConfigDict) -> tuple[list[int], int]:
+  """(the input slices this process reads, their count): `config.input_shards` slices (0: one per
+  process), process p reading the p-th contiguous group. The global batch is the slices' batches
+  concatenated in slice order, whatever the number of processes."""
+  nproc, pid = jax.process_count(), jax.process_index()
+  count = int(config.get("input_shards", 0)) or nproc
+  if config.batch_size % count:
+    raise UserError(f"config.batch_size={config.batch_size} is not divisible by "
+                    f"config.input_shards={count}.")
+  per_process = count // nproc
+  return list(range(pid * per_process, (pid + 1) * per_process)), count
+
+
+def concat_batches(iterators: list[Iterator[Mapping[str, np.ndarray]]]) -> Iterator[dict]:
+  """Batches of several iterators concatenated along the batch dimension, in order."""
+  if len(iterators) == 1:
+    yield from iterators[0]
+    return
+  for parts in zip(*iterators):
+    yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class _StopAgreement:
+  """Agrees across processes on a stop request: each call contributes this process's flag and
+  returns whether any process had set its flag at the previous call (one step behind, so the
+  all-reduce overlaps the next step instead of stalling the host). Every process reads the same
+  value at the same step, so they all save the same step and exit together."""
+
+  def __init__(self, mesh):
+    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    self._local = len(mesh.local_devices)
+    self._any = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+    self._pending = None
+
+  def __call__(self, local_flag: bool) -> bool:
+    agreed = self._pending is not None and bool(self._pending)
+    flags = np.full((self._local,), int(local_flag), np.int32)
+    self._pending = self._any(jax.make_array_from_process_local_data(self._sharding, flags))
+    return agreed
+
+
 class _StopRequest:
   """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save before exiting."""
 
@@ -232,13 +344,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from compact_vit.data import pipeline  # TensorFlow is only needed for input
 
   # Mesh and input.
+  nproc, pid = jax.process_count(), jax.process_index()
+  log = functools.partial(print, flush=True) if pid == 0 else lambda *a, **k: None
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.batch_size, mesh)
+  grad_accum = int(config.get("grad_accum", 1))
+  sharding.check_batch_size(config.batch_size, mesh, grad_accum=grad_accum)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  slices, num_slices = input_slices(config)
   info = pipeline.get_info(config.dataset)
   steps_per_epoch, total_steps = schedule_lengths(config, info.num_train)
-  nproc, pid = jax.process_count(), jax.process_index()
-  local_batch = config.batch_size // nproc
   local_eval_batch = config.eval_batch_size // nproc
 
   # Model, optimizer, state shapes.
@@ -250,7 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               use_ema=use_ema)
   rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_fn, rng)
-  state_sh = sharding.state_shardings(abstract_state, mesh)
+  state_sh = sharding.state_shardings(abstract_state, mesh, sharding.rules_from_config(config))
+  if config.get("remat", False):
+    check_remat(model, abstract_state["params"], config.img_size)
   repl = sharding.replicated(mesh)
   init_variables_from = None
   if config.init_from:
@@ -274,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = ckpt.latest_step()
   if start_step is not None:
     state = ckpt.restore(abstract_sharded, start_step)
-    print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
+    log(f"Resumed from {ckpt.directory} at step {start_step}.")
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sh)(rng)
@@ -286,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if use_ema:
         state["ema_params"] = jax.device_put(init_variables_from["params"], state_sh["params"])
       state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(state["params"])
-      print(f"Initialised parameters from {config.init_from}.", flush=True)
+      log(f"Initialised parameters from {config.init_from}.")
 
   # Compiled steps.
   step_fn = jax.jit(
@@ -294,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           train_step, model=model, tx=tx, schedule=schedule, base_rng=jax.random.key(config.seed),
           num_classes=info.num_classes, aug=config.aug.to_dict(),
           distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay,
-          objective=objective_options(config)),
+          objective=objective_options(config), grad_accum=grad_accum),
       donate_argnums=(0,), out_shardings=(state_sh, repl))
   eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
 
@@ -309,13 +425,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       res = evaluate(eval_fn, model_variables(state, key), eval_batches(), mesh)
       result.update({f"{prefix}/top1": res["top1"], f"{prefix}/top5": res["top5"]})
     writer.write(step, result)
-    print(f"[eval step {step}] top1 {result['val/top1']:.4f}  top5 {result['val/top5']:.4f}",
-          flush=True)
+    log(f"[eval step {step}] top1 {result['val/top1']:.4f}  top5 {result['val/top5']:.4f}")
     return result
 
-  train_iter = pipeline.train_iterator(
-      config.dataset, config.aug, img_size=config.img_size, batch_size=local_batch,
-      seed=config.seed, start_step=start_step, process_index=pid, process_count=nproc)
+  train_iter = concat_batches([
+      pipeline.train_iterator(
+          config.dataset, config.aug, img_size=config.img_size,
+          batch_size=config.batch_size // num_slices, seed=config.seed, start_step=start_step,
+          process_index=index, process_count=num_slices)
+      for index in slices])
 
   # Loop. The loss of step s is checked after step s+1 is dispatched, and always before a save,
   # so a NaN never reaches a checkpoint and the host never waits on every step.
@@ -336,6 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   step = start_step
   stopped_by = None
+  last_loss = None
+  stop_agreed = _StopAgreement(mesh) if nproc > 1 else (lambda flag: flag)
   with _StopRequest() as stop:
     while step < total_steps:
       batch = sharding.shard_batch(next(train_iter), mesh)
@@ -348,29 +468,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending = (step, metrics)
       is_last = step == total_steps
       if step % config.log_every == 0 or is_last:
-        loss = check(pending)
+        loss = last_loss = check(pending)
         host = jax.device_get(metrics)
         record = {f"train/{k}": float(v) for k, v in host.items()}
         record.update({"train/loss": loss, "train/epoch": step / steps_per_epoch})
         if step > start_step + 1:
           record["train/images_per_sec"] = progress.update(step)
         writer.write(step, record)
-        progress.show(step, loss, float(host["lr"]))
+        if pid == 0:
+          progress.show(step, loss, float(host["lr"]))
       if step % config.eval_every == 0 or is_last:
         final_eval = run_eval(step)
-      if step % config.checkpoint_every == 0 or is_last or stop.signal:
+      stopping = stop_agreed(stop.signal is not None)
+      if step % config.checkpoint_every == 0 or is_last or stopping:
         check(pending)
         ckpt.save(step, state)
         last_saved = step
-      if stop.signal:
-        stopped_by = stop.signal
+      if stopping:
+        stopped_by = stop.signal or "a stop request on another process"
         break
   ckpt.wait()
   writer.close()
   if stopped_by:
-    print(f"Received {stopped_by}: saved a checkpoint at step {step} in {ckpt.directory}; "
-          "rerun the same command to resume.", flush=True)
+    log(f"Received {stopped_by}: saved a checkpoint at step {step} in {ckpt.directory}; "
+        "rerun the same command to resume.")
   elif final_eval:
-    print(f"Done: step {step}, val top-1 {final_eval['val/top1']:.4f}, top-5 "
-          f"{final_eval['val/top5']:.4f}. Outputs in {os.path.abspath(workdir)}.", flush=True)
+    if pid == 0:  # marks the run finished (compact_vit.sweep reads it)
+      with open(os.path.join(workdir, "final.json"), "w") as f:
+        json.dump({"step": step, "train/loss": last_loss, **final_eval}, f, indent=2)
+    log(f"Done: step {step}, val top-1 {final_eval['val/top1']:.4f}, top-5 "
+        f"{final_eval['val/top5']:.4f}. Outputs in {os.path.abspath(workdir)}.")
   return {"step": step, "stopped": stopped_by, **final_eval}

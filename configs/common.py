@@ -53,7 +53,10 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # converted checkpoint dir
-  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})  # FSDP: data=1, fsdp=-1
+  c.grad_accum = 1  # micro-batches per step (same update as the whole batch at once)
+  c.remat = False  # recompute each block in the backward pass (models with a `remat` field)
+  c.input_shards = 0  # input slices of the global batch; 0 = one per process
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model_name

@@ -54,7 +54,8 @@ class VisionTransformer(nn.Module):
   Tokens: [cls] (if class_token), [dist] (if distilled), then the patches; `pos_embed` covers all of
   them. `global_pool='avg'` averages the patch tokens and applies `fc_norm` instead of `norm`, as
   timm. `drop_rate` is the dropout before the head(s); drop path rises linearly from 0 at the first
-  block to `drop_path_rate` at the last. `init_values` enables LayerScale (DeiT III).
+  block to `drop_path_rate` at the last. `init_values` enables LayerScale (DeiT III). `remat`
+  recomputes each block in the backward pass (`nn.remat`; same parameters, less activation memory).
   """
   num_classes: int = 1000
   img_size: int | tuple[int, int] = 224
@@ -75,6 +76,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def __post_init__(self):
     problems = []
@@ -133,11 +135,12 @@ class VisionTransformer(nn.Module):
     pos_embed = self.param("pos_embed", linear_init, (1, x.shape[1], dim), self.param_dtype)
     x = nn.Dropout(self.pos_drop_rate, deterministic=not train)(x + pos_embed.astype(dtype))
 
+    block = nn.remat(Block, static_argnums=(3,)) if self.remat else Block  # 3: `train`
     for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-      x = Block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+      x = block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                 init_values=self.init_values, drop_path_rate=rate,
                 attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
-                dtype=dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x, train=train)
+                dtype=dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x, None, train)
 
     head = functools.partial(dense, self.num_classes, dtype=dtype, param_dtype=self.param_dtype)
     head_drop = nn.Dropout(self.drop_rate, deterministic=not train)
