@@ -68,3 +68,5 @@ from compact_vit.models import sepvit  # noqa: E402,F401  pylint: disable=wrong-
 from compact_vit.models import uninet  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.models import reformer  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.models import autoformer  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import vit_slim  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import nasvit  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -67,3 +67,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
 # Method modules register on import.
 from compact_vit.search import evolution  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.search import tf_tas  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.search import vit_slim  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.search import nasvit  # noqa: E402,F401  pylint: disable=wrong-import-position

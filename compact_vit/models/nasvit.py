@@ -1,0 +1,596 @@
+"""NASViT: a weight-sharing supernet of MBConv and transformer stages, and its subnets.
+
+Paper: Gong et al., "NASViT: Neural Architecture Search for Efficient Vision Transformers with
+Gradient Conflict-Aware Supernet Training", ICLR 2022; authors' code facebookresearch/NASViT
+(misc/config.py for the space, models/attentive_nas_dynamic_model.py and models/modules/ for the
+blocks, main.py for the sandwich step, misc/loss_ops.py for the α-divergence).
+
+Space (`SPACE`, misc/config.py): resolution {192, 224, 256, 288}; first conv {16, 24}; stages
+mb1..mb7 with width / depth / kernel / expansion choices (squeeze-excitation in mb3, mb5..mb7);
+mb4..mb7 start with an MBConv block and continue with transformer blocks; last conv {1792, 1984}
+after a x6 expansion (the `use_v3_head`). One `NASViT` module serves both roles: with the full
+space it is the supernet, and a subnet given to `__call__` (`subnet=` dict of int arrays: traced
+values) selects widths, depths, kernels and expansions by masks over the largest shapes, so every
+subnet at one resolution shares one compilation; with a space of single choices (`subnet_space`)
+it is a standalone subnet with smaller weight tensors (`slice_params` cuts them out of the
+supernet's: first channels, centre of the kernel, first blocks).
+
+Blocks, as the authors' dynamic modules:
+* MBConv: [1x1 -> BN -> swish] -> kxk depthwise -> BN -> swish -> [SE: mean -> 1x1 -> ReLU ->
+  1x1 -> hard sigmoid] -> 1x1 -> BN, hidden width make_divisible(in x expand, 8); every MBConv has
+  a shortcut: identity, or (first block of a stage) 2x2 average pooling when strided and a 1x1
+  conv when the active in and out widths differ. The last BN's scale starts at zero.
+* Transformer (`DynamicSwinTransformerBlock` with a window covering the whole map): LayerNorm over
+  tokens and channels together (torch `F.layer_norm(x, x.shape[1:])`), attention with head dim 8
+  on q and k, v expanded x4 (head dim 32) and passed through a 3x3 depthwise conv, relative
+  position bias (window 18), talking-heads projections before (`proj_l`) and after (`proj_w`) the
+  softmax, swish, projection back; then two LN -> MLP (ratio 1, swish) branches (mlp2 first).
+  Switchable layer scaling: each branch is scaled by `rescale_*[d, N % 8, :C] * 8 / C` (d the
+  stage's active depth, N the number of tokens, C the active width), tables of (10, 8, C).
+
+Departures: BatchNorm keeps running statistics with momentum 0.1, and the sandwich objective moves
+them with the largest subnet's pass only (the authors train with momentum 0 and recalibrate them
+per subnet afterwards; that recalibration is not implemented, so a smaller subnet's eval-mode
+accuracy is not meaningful yet); the input is not resized to a subnet resolution inside the model
+(it runs at its input's size, and the sandwich objective trains every subnet at the config's image
+size, where the authors sample a resolution per subnet); drop path applies to the
+transformer branches. `nasvit_a0`..`a5` are defined by searching this supernet under each MACs
+target (208, 309, 421, 528, 591, 757 M), not taken from the paper (its appendix does not list them
+and the authors release no subnet definitions). The released supernet checkpoint converts with
+`compact_vit.convert.load_pytorch_state_dict("nasvit_supernet", state_dict)` (tested on the
+authors' key names and layouts, rebuilt from their module code: the released file itself was not
+downloaded here, so its numbers are not reproduced).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from compact_vit import losses, objectives
+from compact_vit.errors import UserError
+from compact_vit.models import register
+from compact_vit.models.layers import BN_EPS, DropPath, Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """Choices of one stage: widths, depths, kernel sizes, expansion ratios; stride; transformer
+  stage (blocks after the first are transformer blocks); squeeze-excitation in its MBConvs."""
+  widths: tuple[int, ...]
+  depths: tuple[int, ...]
+  kernels: tuple[int, ...]
+  expands: tuple[int, ...]
+  stride: int
+  transformer: bool = False
+  se: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+  first_conv: tuple[int, ...]
+  stages: tuple[Stage, ...]
+  last_conv: tuple[int, ...]
+  resolutions: tuple[int, ...] = (192, 224, 256, 288)
+
+
+SPACE = Space(
+    first_conv=(16, 24),
+    stages=(Stage((16, 24), (1, 2), (3, 5), (1,), 1),
+            Stage((24, 32), (3, 4, 5), (3, 5), (4, 5, 6), 2),
+            Stage((32, 40), (3, 4, 5, 6), (3,), (4, 5, 6), 2, se=True),
+            Stage((64, 72), (3, 4, 5, 6), (3,), (4, 5, 6), 2, True),
+            Stage((112, 120, 128), (3, 4, 5, 6, 7, 8, 9), (3,), (4, 5, 6), 2, True, True),
+            Stage((160, 168, 176, 184), (3, 4, 5, 6, 7, 8), (3,), (6,), 1, True, True),
+            Stage((208, 216, 224), (3, 4, 5, 6), (3,), (6,), 2, True, True)),
+    last_conv=(1792, 1984))
+# A small space of the same structure for `:quick` and the tests (inputs of 16..32 pixels).
+TINY_SPACE = Space(
+    first_conv=(8, 16),
+    stages=(Stage((8, 16), (1, 2), (3, 5), (1,), 1),
+            Stage((16, 24), (1, 2), (3,), (2, 3), 2, se=True),
+            Stage((24, 32), (2, 3), (3,), (2,), 2, True, True)),
+    last_conv=(32, 48), resolutions=(16, 32))
+HEAD_EXPAND = 6  # final_expand_layer: last stage width x 6
+HEAD_DIM = 8  # q / k head dim; v heads are V_EXPAND x wider
+V_EXPAND = 4
+WINDOW = 18  # the authors' relative-position window (covers every map of the space)
+SE_REDUCTION = 4
+
+
+def make_divisible(v, divisor: int = 8):
+  """The authors' (TF slim) rounding to a multiple of `divisor`, for python ints or int arrays."""
+  if isinstance(v, (int, np.integer)):
+    n = max(1, int(v + divisor // 2) // divisor * divisor)
+    return n + divisor if n < 0.9 * v else n
+  n = jnp.maximum(1, (v + divisor // 2) // divisor * divisor)
+  return jnp.where(n < 0.9 * v, n + divisor, n)
+
+
+def _extreme(space: Space, pick) -> dict[str, Any]:
+  return dict(first_conv=pick(space.first_conv), last_conv=pick(space.last_conv),
+              **{k: tuple(pick(getattr(s, k + "s")) for s in space.stages)
+                 for k in ("width", "depth", "kernel", "expand")})
+
+
+largest = functools.partial(_extreme, pick=max)  # the largest subnet of a space
+smallest = functools.partial(_extreme, pick=min)
+
+
+def sample_subnet(key: jax.Array, space: Space) -> dict[str, jax.Array]:
+  """A uniformly random subnet as int32 arrays (traceable): first_conv, last_conv scalars;
+  width/depth/kernel/expand (num_stages,)."""
+  keys = iter(jax.random.split(key, 2 + 4 * len(space.stages)))
+  pick = lambda choices: jax.random.choice(next(keys), jnp.asarray(choices, jnp.int32))
+  out = {"first_conv": pick(space.first_conv), "last_conv": pick(space.last_conv)}
+  for k in ("width", "depth", "kernel", "expand"):
+    out[k] = jnp.stack([pick(getattr(s, k + "s")) for s in space.stages])
+  return out
+
+
+def as_arrays(subnet: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """A subnet dict (python or traced ints) as int32 arrays, the form `sample_subnet` returns."""
+  return {k: jnp.asarray(v, jnp.int32) for k, v in subnet.items()}
+
+
+def subnet_space(subnet: Mapping[str, Any], space: Space = SPACE) -> Space:
+  """The single-choice space of a subnet (python ints): a standalone model's `space`."""
+  stages = tuple(dataclasses.replace(s, widths=(int(w),), depths=(int(d),), kernels=(int(k),),
+                                     expands=(int(e),))
+                 for s, w, d, k, e in zip(space.stages, subnet["width"], subnet["depth"],
+                                          subnet["kernel"], subnet["expand"]))
+  return Space((int(subnet["first_conv"]),), stages, (int(subnet["last_conv"]),),
+               space.resolutions)
+
+
+# ----------------------------------------------------------------------------- masked layers
+
+def _channel_mask(active, size: int, dtype) -> jax.Array | None:
+  """(size,) 1 for the first `active` channels; None when nothing is masked (active is None)."""
+  if active is None:
+    return None
+  return (jnp.arange(size) < active).astype(dtype)
+
+
+def _apply_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  return x if mask is None else x * mask.astype(x.dtype)
+
+
+class MaskedBatchNorm(nn.Module):
+  """BatchNorm (torch eps 1e-5, momentum 0.1) whose running statistics move only for active
+  channels of active blocks, and whose output is zero outside the channel mask. NHWC."""
+  scale_init: Any = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, train=False, active=True):
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
+    xf = x.astype(jnp.float32)
+    if train:
+      mean, var = xf.mean((0, 1, 2)), xf.var((0, 1, 2))
+      if not self.is_initializing():
+        update = jnp.asarray(active) & (True if mask is None else mask > 0)
+        ra_mean.value = jnp.where(update, 0.9 * ra_mean.value + 0.1 * mean, ra_mean.value)
+        ra_var.value = jnp.where(update, 0.9 * ra_var.value + 0.1 * var, ra_var.value)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (xf - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
+    return _apply_mask(y.astype(self.dtype), mask)
+
+
+class TokenChannelNorm(nn.Module):
+  """The authors' LayerNorm over tokens and active channels together (torch
+  `F.layer_norm(x, x.shape[1:])` with a per-channel affine), eps 1e-5; zero outside the mask.
+  x: (B, N, C)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    xf = x.astype(jnp.float32)
+    m = jnp.ones((c,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    n = m.sum() * x.shape[1]
+    mean = (xf * m).sum((1, 2), keepdims=True) / n
+    var = (((xf - mean) * m) ** 2).sum((1, 2), keepdims=True) / n
+    y = ((xf - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias) * m
+    return y.astype(self.dtype)
+
+
+def _conv(features, kernel=1, strides=1, name=None, dtype=jnp.float32, bias=False):
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=strides, padding=((pad, pad), (pad, pad)),
+                 use_bias=bias, dtype=dtype, name=name,
+                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+def _dense(features, name, dtype):
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=nn.initializers.truncated_normal(0.02))
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise conv, no bias, padding (k - 1) // 2; `kmask` (k, k, 1, 1) keeps a centred
+  smaller kernel. (B, H, W, C) -> (B, H/s, W/s, C)."""
+  kernel_size: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kmask=None):
+    c, k = x.shape[-1], self.kernel_size
+    kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                        (k, k, 1, c))
+    if kmask is not None:
+      kernel = kernel * kmask
+    pad = (k - 1) // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel.astype(self.dtype), (self.stride,) * 2, ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+def _fit_channels(x: jax.Array, c: int) -> jax.Array:
+  """x (..., C) zero-padded or cut to c channels (the cut ones are masked zeros)."""
+  if x.shape[-1] >= c:
+    return x[..., :c]
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, c - x.shape[-1])])
+
+
+class MBConv(nn.Module):
+  """Inverted residual with shortcut (module docstring). x (B, H, W, in_max) -> (B, H/s, W/s,
+  out_max), and the output channel mask.
+
+  Max shapes: hidden make_divisible(in_max * expand_max), `kernel_max` kernel. `sub` = (in, out,
+  kernel, expand) active values (traced) or None (standalone: shapes are the subnet's).
+  `first`: the stage's first block (its shortcut may pool and project)."""
+  out_max: int
+  kernel_max: int
+  expand_max: int
+  stride: int
+  se: bool
+  first: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, in_mask, sub, train, active):
+    in_max = x.shape[-1]
+    hidden_max = make_divisible(in_max * self.expand_max) if self.expand_max > 1 else in_max
+    hidden_mask = out_mask = kmask = se_mask = None
+    if sub is not None:
+      c_in, c_out, k, e = sub
+      hidden = make_divisible(c_in * e) if self.expand_max > 1 else c_in
+      hidden_mask = _channel_mask(hidden, hidden_max, x.dtype)
+      out_mask = _channel_mask(c_out, self.out_max, x.dtype)
+      r = jnp.abs(jnp.arange(self.kernel_max) - self.kernel_max // 2) <= k // 2
+      kmask = (r[:, None] & r[None, :]).astype(x.dtype)[:, :, None, None]
+    bn = functools.partial(MaskedBatchNorm, dtype=self.dtype)
+    y = x
+    if self.expand_max > 1:
+      y = _conv(hidden_max, name="inverted_bottleneck", dtype=self.dtype)(y)
+      y = nn.swish(bn(name="inverted_bottleneck_bn")(y, hidden_mask, train, active))
+    y = DepthwiseConv(self.kernel_max, self.stride, self.dtype, name="depth_conv")(y, kmask)
+    y = nn.swish(bn(name="depth_conv_bn")(y, hidden_mask, train, active))
+    if self.se:
+      mid_max = make_divisible(hidden_max // SE_REDUCTION)
+      if sub is not None:
+        se_mask = _channel_mask(make_divisible(hidden // SE_REDUCTION), mid_max, x.dtype)
+      s = y.mean((1, 2), keepdims=True)
+      s = nn.relu(_apply_mask(_conv(mid_max, name="se_reduce", dtype=self.dtype, bias=True)(s),
+                              se_mask))
+      s = _conv(hidden_max, name="se_expand", dtype=self.dtype, bias=True)(s)
+      y = y * nn.relu6(s + 3.0) / 6.0
+    y = _conv(self.out_max, name="point_linear", dtype=self.dtype)(y)
+    y = bn(name="point_linear_bn", scale_init=nn.initializers.zeros)(y, out_mask, train, active)
+    shortcut = x
+    if self.first:
+      if self.stride > 1:
+        pad = x.shape[1] % 2
+        shortcut = nn.avg_pool(x, (self.stride,) * 2, (self.stride,) * 2,
+                               padding=((pad, pad), (pad, pad)), count_include_pad=True)
+      if sub is not None:  # the supernet: a 1x1 projection when the active widths differ
+        proj = _apply_mask(_conv(self.out_max, name="shortcut", dtype=self.dtype)(shortcut),
+                           out_mask)
+        shortcut = jnp.where(sub[0] == sub[1], _fit_channels(shortcut, self.out_max), proj)
+      elif in_max != self.out_max:
+        shortcut = _conv(self.out_max, name="shortcut", dtype=self.dtype)(shortcut)
+    return shortcut + y, out_mask
+
+
+class TransformerBlock(nn.Module):
+  """The authors' transformer block (module docstring). x: (B, H, W, C_max); `mask` (C_max,) or
+  None; `width` the active width (traced) or None; `depth` the stage's active depth (row of the
+  switchable layer-scale tables)."""
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, width, depth, train=False):
+    b, h, w, c = x.shape
+    n, heads = h * w, c // HEAD_DIM
+    if h > WINDOW or w > WINDOW:
+      raise UserError(f"NASViT attention covers maps of at most {WINDOW}x{WINDOW}; this input "
+                      f"gives {h}x{w}. Use an input of at most {WINDOW * 16} pixels.")
+    width = c if width is None else width
+    vmask = None if mask is None else jnp.repeat(mask, V_EXPAND)
+    hmask = _channel_mask(None if mask is None else width // HEAD_DIM, heads, x.dtype)
+    dense = functools.partial(_dense, dtype=self.dtype)
+    drop = DropPath(self.drop_path_rate)
+    table = lambda name: self.param(name, nn.initializers.constant(1e-4), (10, 8, c))
+    scale = lambda name: (table(name)[depth, n % 8] * 8.0 / width).astype(self.dtype)
+    shortcut = x.reshape(b, n, c)
+    y = TokenChannelNorm(self.dtype, name="norm1")(shortcut, mask)
+    q = _apply_mask(dense(c, "q")(y), mask).reshape(b, n, heads, HEAD_DIM)
+    k = _apply_mask(dense(c, "k")(y), mask).reshape(b, n, heads, HEAD_DIM)
+    v = _apply_mask(dense(c * V_EXPAND, "v")(y), vmask).reshape(b, h, w, c * V_EXPAND)
+    v = DepthwiseConv(3, dtype=self.dtype, name="vconv")(v).reshape(b, n, heads, -1)
+    logits = jnp.einsum("bqhd,bkhd->bqkh", q * HEAD_DIM**-0.5, k).astype(jnp.float32)
+    rpb = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+                     ((2 * WINDOW - 1) ** 2, heads))
+    logits = logits + rpb[jnp.asarray(_relative_index(h, w))]
+    logits = _apply_mask(dense(heads, "proj_l")(_apply_mask(logits, hmask)), hmask)
+    attn = jax.nn.softmax(logits, axis=2)
+    attn = _apply_mask(dense(heads, "proj_w")(_apply_mask(attn, hmask)), hmask)
+    y = jnp.einsum("bqkh,bkhd->bqhd", attn.astype(v.dtype), v).reshape(b, n, c * V_EXPAND)
+    y = _apply_mask(dense(c, "proj")(nn.swish(y)), mask)
+    x = shortcut + drop(y * scale("rescale_attn"), train)
+    mlp_scale = scale("rescale_mlp")  # shared by both MLP branches, as the authors'
+    for norm, mlp in (("norm3", "mlp2"), ("norm2", "mlp1")):
+      y = TokenChannelNorm(self.dtype, name=norm)(x, mask)
+      y = nn.swish(_apply_mask(dense(c, f"{mlp}_fc1")(y), mask))
+      y = _apply_mask(dense(c, f"{mlp}_fc2")(y), mask)
+      x = x + drop(y * mlp_scale, train)
+    return x.reshape(b, h, w, c)
+
+
+@functools.lru_cache(maxsize=None)
+def _relative_index(h: int, w: int) -> np.ndarray:
+  """(h*w, h*w) rows of the (2*WINDOW-1)^2 relative-position table for an h x w map (the
+  authors' window-18 index cropped to the map)."""
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  ys, xs = ys.ravel(), xs.ravel()
+  dy = ys[:, None] - ys[None, :] + WINDOW - 1
+  dx = xs[:, None] - xs[None, :] + WINDOW - 1
+  return dy * (2 * WINDOW - 1) + dx
+
+
+class NASViT(nn.Module):
+  """NASViT supernet (full `space`) or standalone subnet (single-choice `space`).
+
+  `__call__(x, train=False, subnet=None)`: x (B, H, W, 3) NHWC at `img_size`; `subnet` (supernet
+  only) a dict as `sample_subnet` returns (python or traced ints), default the largest. Returns
+  logits (B, num_classes) float32."""
+  num_classes: int = 1000
+  img_size: int = 224
+  space: Space = SPACE
+  drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.num_classes < 1 or not 0.0 <= self.drop_path_rate < 1.0:
+      raise UserError(f"Invalid NASViT settings: num_classes={self.num_classes}, "
+                      f"drop_path_rate={self.drop_path_rate}.")
+    super().__post_init__()
+
+  @property
+  def is_supernet(self) -> bool:
+    s = self.space
+    return len(s.first_conv) > 1 or len(s.last_conv) > 1 or any(
+        len(c) > 1 for st in s.stages for c in (st.widths, st.depths, st.kernels, st.expands))
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, subnet: Mapping[str, Any] | None = None):
+    if x.shape[1] != self.img_size or x.shape[2] != self.img_size:
+      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
+                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
+    masked = self.is_supernet
+    if subnet is None:
+      subnet = largest(self.space)
+    elif not masked:
+      raise UserError("`subnet=` selects a subnet of the supernet; this model is a standalone "
+                      "subnet already.")
+    sub = as_arrays(subnet) if masked else None
+    get = (lambda key, i=None: sub[key] if i is None else sub[key][i]) if masked else (
+        lambda key, i=None: None)
+    bn = functools.partial(MaskedBatchNorm, dtype=self.dtype)
+    c0 = max(self.space.first_conv)
+    mask = _channel_mask(get("first_conv"), c0, self.dtype)
+    x = _conv(c0, 3, 2, name="first_conv", dtype=self.dtype)(x.astype(self.dtype))
+    x = nn.swish(bn(name="first_conv_bn")(x, mask, train))
+    c_in = get("first_conv")
+    n_blocks = sum(max(s.depths) for s in self.space.stages)
+    rates = np.linspace(0.0, self.drop_path_rate, n_blocks)
+    block = 0
+    for si, st in enumerate(self.space.stages):
+      depth = get("depth", si) if masked else max(st.depths)
+      for bi in range(max(st.depths)):
+        name = f"stage{si + 1}_block{bi}"
+        active = (bi < depth) if masked else True
+        if st.transformer and bi > 0:
+          y = TransformerBlock(float(rates[block]), self.dtype, name=name)(
+              x, mask, get("width", si), depth, train)
+        else:
+          s = (c_in, get("width", si), get("kernel", si), get("expand", si)) if masked else None
+          y, mask = MBConv(max(st.widths), max(st.kernels), max(st.expands),
+                           st.stride if bi == 0 else 1, st.se, bi == 0, dtype=self.dtype,
+                           name=name)(x, mask, s, train, active)
+          c_in = get("width", si)
+        x = y if bi == 0 or not masked else jnp.where(active, y, x)
+        block += 1
+    c_head = max(self.space.stages[-1].widths) * HEAD_EXPAND
+    hmask = _channel_mask(None if sub is None else sub["width"][-1] * HEAD_EXPAND, c_head,
+                          self.dtype)
+    x = _conv(c_head, name="final_expand", dtype=self.dtype)(x)
+    x = nn.swish(bn(name="final_expand_bn")(x, hmask, train)).mean((1, 2), keepdims=True)
+    c_last = max(self.space.last_conv)
+    x = _conv(c_last, name="feature_mix", dtype=self.dtype)(x)
+    x = _apply_mask(nn.swish(x), _channel_mask(get("last_conv"), c_last, self.dtype))
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x.reshape(x.shape[0], c_last))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
+
+
+def slice_params(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+  """Supernet variables cut to a standalone subnet's shapes (`like`: its abstract variables):
+  first channels / rows on every axis, the centre of conv kernels, blocks missing in `like` left
+  out."""
+  out = {}
+  for k, v in like.items():
+    if isinstance(v, Mapping):
+      out[k] = slice_params(tree[k], v)
+      continue
+    src = np.asarray(tree[k])
+    index = []
+    for axis, n in enumerate(v.shape):
+      if k == "kernel" and src.ndim == 4 and axis < 2:
+        start = (src.shape[axis] - n) // 2
+        index.append(slice(start, start + n))
+      else:
+        index.append(slice(0, n))
+    out[k] = src[tuple(index)]
+  return out
+
+
+# ----------------------------------------------------------------------------- variants
+# A0..A5: found by `search.py --config configs/nasvit_search.py` in this supernet under each MACs
+# target (the paper's 208, 309, 421, 528, 591, 757 M), not the paper's own subnets (MACs by
+# `compact_vit.profile` in the comments; every one within 10% of its target, A5 8.5% below).
+# The search moves every choice list together, so its grid is coarse: A0, A1, A2 and A4 are one
+# subnet at four resolutions, A3 and A5 another at two. nasvit_smallest: 189.8 M MACs, 8.56 M
+# params at 192; nasvit_largest: 1881.7 M MACs, 17.71 M params at 288.
+SUBNETS: dict[str, dict[str, Any]] = {
+    "nasvit_a0": dict(resolution=192, first_conv=16, last_conv=1792,
+                     width=(16, 24, 32, 64, 112, 160, 208), depth=(1, 3, 3, 3, 4, 4, 3),
+                     kernel=(3, 3, 3, 3, 3, 3, 3), expand=(1, 4, 4, 4, 4, 6, 6)),  # 212.7 M
+    "nasvit_a1": dict(resolution=224, first_conv=16, last_conv=1792,
+                     width=(16, 24, 32, 64, 112, 160, 208), depth=(1, 3, 3, 3, 4, 4, 3),
+                     kernel=(3, 3, 3, 3, 3, 3, 3), expand=(1, 4, 4, 4, 4, 6, 6)),  # 308.9 M
+    "nasvit_a2": dict(resolution=256, first_conv=16, last_conv=1792,
+                     width=(16, 24, 32, 64, 112, 160, 208), depth=(1, 3, 3, 3, 4, 4, 3),
+                     kernel=(3, 3, 3, 3, 3, 3, 3), expand=(1, 4, 4, 4, 4, 6, 6)),  # 414.3 M
+    "nasvit_a3": dict(resolution=256, first_conv=16, last_conv=1792,
+                     width=(16, 24, 32, 64, 112, 168, 208), depth=(1, 3, 4, 4, 5, 4, 4),
+                     kernel=(3, 3, 3, 3, 3, 3, 3), expand=(1, 4, 4, 4, 4, 6, 6)),  # 504.6 M
+    "nasvit_a4": dict(resolution=288, first_conv=16, last_conv=1792,
+                     width=(16, 24, 32, 64, 112, 160, 208), depth=(1, 3, 3, 3, 4, 4, 3),
+                     kernel=(3, 3, 3, 3, 3, 3, 3), expand=(1, 4, 4, 4, 4, 6, 6)),  # 563.0 M
+    "nasvit_a5": dict(resolution=288, first_conv=16, last_conv=1792,
+                     width=(16, 24, 32, 64, 112, 168, 208), depth=(1, 3, 4, 4, 5, 4, 4),
+                     kernel=(3, 3, 3, 3, 3, 3, 3), expand=(1, 4, 4, 4, 4, 6, 6)),  # 692.7 M
+    "nasvit_smallest": dict(resolution=192, **smallest(SPACE)),
+    "nasvit_largest": dict(resolution=288, **largest(SPACE)),
+}
+
+
+def _standalone(subnet: Mapping[str, Any], **overrides) -> NASViT:
+  fields = dict(img_size=subnet["resolution"], space=subnet_space(subnet))
+  fields.update(overrides)
+  return NASViT(**fields)
+
+
+register("nasvit_supernet")(NASViT)
+register("nasvit_supernet_tiny")(functools.partial(NASViT, space=TINY_SPACE, img_size=16))
+for _name, _subnet in SUBNETS.items():
+  register(_name)(functools.partial(_standalone, _subnet))
+
+
+# ----------------------------------------------------------------------------- sandwich objective
+
+def alpha_divergence(logits: jax.Array, teacher_logits: jax.Array, alpha_min: float = -1.0,
+                     alpha_max: float = 1.0, iw_clip: float = 5.0) -> jax.Array:
+  """AlphaNet's adaptive α-divergence (NASViT misc/loss_ops.py AdaptiveLossSoft): per example the
+  larger of D_{α_min} and D_{α_max}(p_teacher || q_student). Returns its batch mean, with the
+  gradient of the authors' surrogate (`grad_loss`, importance weights held constant)."""
+  q_prob = jax.lax.stop_gradient(jax.nn.softmax(logits, -1))
+  p_prob = jax.lax.stop_gradient(jax.nn.softmax(teacher_logits, -1))
+  q_log = jax.nn.log_softmax(logits, -1)
+  ratio = p_prob / q_prob
+
+  def divergence(alpha):
+    if abs(alpha - 1.0) < 1e-3:
+      f, base, rho = ratio * jnp.log(ratio), 0.0, ratio
+    elif abs(alpha) < 1e-3:
+      r = jnp.clip(ratio, 0.0, iw_clip)
+      f, base, rho = -jnp.log(r), 0.0, jnp.log(r) - 1.0
+    else:
+      iw = jnp.clip(ratio**alpha, 0.0, iw_clip)
+      f, base = iw / alpha / (alpha - 1.0), 1.0 / alpha / (alpha - 1.0)
+      rho = iw / alpha + base
+    return (q_prob * (f - base)).sum(-1), -(q_prob * rho * q_log).sum(-1)
+
+  left, left_grad = divergence(alpha_max)
+  right, right_grad = divergence(alpha_min)
+  surrogate = jnp.where(left >= right, left_grad, right_grad).mean()
+  return surrogate + jax.lax.stop_gradient(jnp.maximum(left, right).mean() - surrogate)
+
+
+def _vdot(a: Any, b: Any) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def project_conflicting(grad: Any, reference: Any) -> tuple[Any, jax.Array]:
+  """g - min(0, g·r) / |r|² r over the whole pytree (the paper's projection onto the normal plane
+  of the supernet's gradient when g·r < 0). Returns (grad, conflict flag)."""
+  dot = _vdot(grad, reference)
+  coef = jnp.minimum(dot, 0.0) / jnp.maximum(_vdot(reference, reference), 1e-12)
+  return jax.tree.map(lambda a, b: a - coef * b, grad, reference), (dot < 0).astype(jnp.float32)
+
+
+@objectives.register("nasvit_sandwich")
+def nasvit_sandwich(params, ctx: objectives.StepContext):
+  """Sandwich rule: the largest subnet on the labels, then the smallest and `num_random` random
+  subnets distilled in place from the largest's logits with the α-divergence. With
+  `gradient_projection` (default True) each subnet's gradient that conflicts with the largest's
+  is projected onto its normal plane. BatchNorm running statistics follow the largest subnet's
+  pass (the one evaluation runs; the authors recalibrate them per subnet after training).
+
+  The passes run as one `lax.scan` over the stacked subnets (pass 0 the largest), so the model's
+  forward and backward are traced and compiled once per step, not once per pass."""
+  opts = dict(ctx.options)
+  space = ctx.model.space
+  num_random = int(opts.get("num_random", 2))
+  project = bool(opts.get("gradient_projection", True))
+  subnets = [as_arrays(largest(space)), as_arrays(smallest(space))] + [
+      sample_subnet(k, space) for k in jax.random.split(ctx.key, num_random)]
+  stacked = jax.tree.map(lambda *v: jnp.stack(v), *subnets)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  def one_pass(carry, xs):
+    i, subnet = xs
+    stats, teacher, grads, g_largest = carry
+
+    def loss_fn(p):
+      logits, new = ctx.model.apply({"params": p, "batch_stats": stats}, ctx.images, train=True,
+                                    subnet=subnet, rngs=dict(ctx.rngs), mutable=["batch_stats"])
+      ce = losses.soft_cross_entropy(logits, ctx.targets)
+      kd = alpha_divergence(logits, teacher)
+      return jnp.where(i == 0, ce, kd), (logits, new["batch_stats"])
+
+    (loss, (logits, new_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    flag = jnp.zeros(())
+    if project:  # pass 0 projects onto zeros: unchanged
+      g, flag = project_conflicting(g, g_largest)
+    teacher = jnp.where(i == 0, jax.lax.stop_gradient(logits), teacher)
+    new_stats = jax.tree.map(lambda a, b: jnp.where(i == 0, a, b), new_stats, stats)
+    g_largest = jax.tree.map(lambda a, b: jnp.where(i == 0, a, b), g, g_largest)
+    grads = jax.tree.map(jnp.add, grads, g)
+    return (new_stats, teacher, grads, g_largest), (loss, flag)
+
+  teacher0 = jnp.zeros(ctx.targets.shape, jnp.float32)
+  carry = (ctx.batch_stats, teacher0, zeros, zeros)
+  (batch_stats, _, grads, _), (pass_losses, flags) = jax.lax.scan(
+      one_pass, carry, (jnp.arange(len(subnets)), stacked))
+  n_sub = len(subnets) - 1
+  return pass_losses.sum(), grads, batch_stats, {
+      "ce_largest": pass_losses[0], "kd_subnets": pass_losses[1:].mean(),
+      "conflict_fraction": flags[1:].sum() / n_sub}
+
