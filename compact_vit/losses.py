@@ -69,3 +69,24 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_cl
   mixed = jnp.where(apply, jnp.where(use_cutmix, mixed_cutmix, mixed_mixup), images)
   targets = lam * targets + (1.0 - lam) * targets[::-1]
   return mixed, targets
+
+
+def keep_ratio_mse(keep_decisions, target_ratios) -> jax.Array:
+  """DynamicViT's ratio loss: the mean over stages of mean_b (mean_n keep[b, n] - ρ_s)².
+
+  keep_decisions: one (B, N) {0, 1} array per stage; target_ratios: one float per stage.
+  """
+  per_stage = [jnp.mean((jnp.mean(k.astype(jnp.float32), axis=1) - r) ** 2)
+               for k, r in zip(keep_decisions, target_ratios)]
+  return sum(per_stage) / len(per_stage)
+
+
+def kept_token_mse(student: jax.Array, teacher: jax.Array, keep: jax.Array) -> jax.Array:
+  """DynamicViT's token distillation: mean squared error over the tokens with keep > 0.5 only.
+
+  student, teacher (B, N, C), keep (B, N). 0 when no token is kept (the authors' guard).
+  """
+  mask = (keep > 0.5).astype(jnp.float32)[..., None]
+  sq = (student.astype(jnp.float32) - teacher.astype(jnp.float32)) ** 2
+  count = jnp.sum(mask) * student.shape[-1]
+  return jnp.sum(sq * mask) / jnp.maximum(count, 1.0)

@@ -15,3 +15,4 @@ from compact_vit.convert import uninet  # noqa: F401  registers the UniNet conve
 __all__ = ["load_pytorch_state_dict", "read_state_dict", "register_converter"]
 from compact_vit.convert import autoformer  # noqa: E402,F401  AutoFormer / TF-TAS (authors' keys)
 from compact_vit.convert import nasvit  # noqa: F401  NASViT supernet
+from compact_vit.convert import token_reduction  # noqa: F401  DynamicViT, ATS, PatchMerger

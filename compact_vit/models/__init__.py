@@ -70,3 +70,6 @@ from compact_vit.models import reformer  # noqa: E402,F401  pylint: disable=wron
 from compact_vit.models import autoformer  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.models import vit_slim  # noqa: E402,F401  pylint: disable=wrong-import-position
 from compact_vit.models import nasvit  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import dynamic_vit  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import ats  # noqa: E402,F401  pylint: disable=wrong-import-position
+from compact_vit.models import patch_merger  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -1,0 +1,118 @@
+"""Token reduction on this CPU: DynamicViT-S/0.7 and ATS beside DeiT-S, PatchMerger ViT-B/16 (and
+S/16) beside ViT-B/16 (S/16), in one process, with the same thread settings for every model.
+
+  python benchmarks/token_reduction.py [--batches 16,32,64] [--merger-batches 16,32] [--threads N]
+
+For each model: parameters, GMACs per image (`compact_vit.profile.count_macs`, jaxpr
+multiply-accumulates of the static-shape inference graph), images/s of `jax.jit(apply(train=False))`
+in float32 on random variables at each batch size, and batch-1 latency. Warm-up calls (compilation
+included) are untimed; the models of a group are timed in turns, `--repeats` rounds of `--steps`
+calls each, and each keeps its best round, which damps the noise of a shared machine. Ratios are
+against the dense baseline of the same group, measured in the same rounds. Prints a Markdown table
+and writes it to benchmarks/results/token_reduction_cpu.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUPS = {  # baseline -> token-reduction models
+    "deit_small_patch16_224": ("dynamicvit_deit_s", "ats_deit_s"),
+    "vit_base_patch16_224": ("patchmerger_vit_b16",),
+    "vit_small_patch16_224": ("patchmerger_vit_s16",),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", default="16,32,64", help="batch sizes for the DeiT-S group")
+  parser.add_argument("--merger-batches", default="16,32", help="batch sizes for the ViT groups")
+  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                      help="CPU cores: the process is pinned to that many (XLA sizes its thread "
+                           "pool from the affinity)")
+  parser.add_argument("--steps", type=int, default=2, help="timed calls per round")
+  parser.add_argument("--repeats", type=int, default=3, help="rounds per model and batch")
+  parser.add_argument("--latency-steps", type=int, default=10, help="timed batch-1 calls per round")
+  parser.add_argument("--groups", default=",".join(GROUPS), help="baselines to run")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                    "token_reduction_cpu.md"))
+  args = parser.parse_args(argv)
+
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  sys.path.insert(0, ROOT)
+  from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
+  from compact_vit import profile  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_platforms", "cpu")
+
+  def timed_rounds(runs: dict, calls: int) -> dict[str, float]:
+    """Best seconds per call of each run over `args.repeats` interleaved rounds."""
+    for run in runs.values():
+      run()
+      run()
+    best = {name: float("inf") for name in runs}
+    for _ in range(args.repeats):
+      for name, run in runs.items():
+        start = time.perf_counter()
+        for _ in range(calls):
+          run()
+        best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return best
+
+  cpu = platform.processor() or platform.machine()
+  lines = [f"# Token reduction, inference on this CPU ({cpu}, {args.threads} threads, float32, "
+           f"jax {jax.__version__})", "",
+           "| model | params (M) | GMACs | MACs ratio | batch | images/s | speed ratio |"
+           " batch-1 latency (ms) |", "|---|---|---|---|---|---|---|---|"]
+  for baseline in args.groups.split(","):
+    names = (baseline,) + GROUPS[baseline]
+    batches = [int(b) for b in (args.batches if baseline.startswith("deit")
+                                else args.merger_batches).split(",")]
+    models, variables, stats = {}, {}, {}
+    for name in names:
+      models[name] = create_model(name)
+      variables[name] = jax.device_put(profile.random_variables(models[name], (1, 224, 224, 3)))
+      stats[name] = (profile.count_params(variables[name]["params"]) / 1e6,
+                     profile.count_macs(models[name], variables[name], (1, 224, 224, 3)) / 1e9)
+    applies = {n: jax.jit(lambda v, x, m=models[n]: m.apply(v, x, train=False)) for n in names}
+
+    def runner(name, x):
+      return lambda: jax.block_until_ready(applies[name](variables[name], x))
+
+    rates = {}
+    for batch in batches:
+      x = jax.device_put(np.random.default_rng(0).standard_normal((batch, 224, 224, 3),
+                                                                  dtype=np.float32))
+      secs = timed_rounds({n: runner(n, x) for n in names}, args.steps)
+      rates[batch] = {n: batch / s for n, s in secs.items()}
+      print(f"batch {batch}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in rates[batch].items()),
+            flush=True)
+    x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32))
+    latency = timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps)
+    print("batch 1 latency: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in latency.items()),
+          flush=True)
+    for name in names:
+      params, gmacs = stats[name]
+      for i, batch in enumerate(batches):
+        lead = (f"| {name} | {params:.2f} | {gmacs:.2f} | {gmacs / stats[baseline][1]:.3f}"
+                if i == 0 else "| | | |")
+        lines.append(f"{lead} | {batch} | {rates[batch][name]:.1f} | "
+                     f"{rates[batch][name] / rates[batch][baseline]:.2f}x | "
+                     + (f"{latency[name] * 1e3:.1f} ({latency[baseline] / latency[name]:.2f}x) |"
+                        if i == 0 else "|"))
+  table = "\n".join(lines) + "\n"
+  print(table)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,205 @@
+"""DynamicViT: a DeiT that learns to drop uninformative patch tokens.
+
+Paper: Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification",
+NeurIPS 2021 (arXiv 2106.02034); code: raoyongming/DynamicViT (models/dyvit.py, losses.py), whose
+parameter names this module keeps (`score_predictor_{i}/in_conv_{0,1}`, `out_conv_{0,2,4}`), so
+the authors' released checkpoints load with `compact_vit.convert.load_pytorch_state_dict`.
+
+A prediction module before blocks `pruning_loc` (3, 6, 9 of 12) scores every patch token:
+LN -> Linear -> GELU, then the first half of the channels concatenated with the policy-weighted
+mean of the second half, then Linear C->C/2 -> GELU -> C/2->C/4 -> GELU -> C/4->2 -> log-softmax.
+
+* Training (`train=True`): all tokens stay; hard Gumbel-softmax keep decisions (straight-through,
+  noise from the 'sample' stream) are multiplied by the previous stage's, and attention is
+  re-normalised over the kept keys with the self-connection kept (`ops.tokens.attention_weights`).
+  The per-stage decisions and the final normed patch tokens are sown into 'intermediates'
+  (`keep_decisions`, `tokens`) for the `dynamicvit` objective (losses: cross-entropy, keep-ratio
+  MSE, KL to the teacher, token distillation; registered at the bottom of this file).
+* Inference (`train=False`): stage s keeps the top `int(N·keep_ratio^s)` patches by predicted
+  keep score (a compile-time count: 137, 96, 67 of 196 at keep_ratio 0.7) by a `take_along_axis`
+  gather; the class token always stays. The kept patch positions are sown as `kept_positions`.
+
+Departures from the authors' code: the predictor's global mean is guarded against an all-zero
+policy (their division by Σ policy gives NaN, DynamicViT#6); the backbone's learning rate is not
+scaled by their `--lr_scale 0.01` (compact_vit.optim has no per-parameter learning rates), so the
+configs lower the base learning rate instead (see configs/dynamicvit_deit_s.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from compact_vit import losses, objectives
+from compact_vit.errors import UserError
+from compact_vit.models import register
+from compact_vit.models.layers import Block, dense, drop_path_rates
+from compact_vit.models.vit import VisionTransformer
+from compact_vit.ops import tokens as tok
+
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6, patch_size=16)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12, patch_size=16)
+VARIANTS: dict[str, dict] = {
+    "dynamicvit_deit_s": _SMALL,
+    "dynamicvit_deit_b": _BASE,
+}
+PREDICTOR_LN_EPS = 1e-5  # the authors' predictor uses torch's default LayerNorm
+
+
+class ScorePredictor(nn.Module):
+  """DynamicViT's PredictorLG: x (B, N, C), policy (B, N) -> keep/drop log-probabilities (B, N, 2)
+  (float32; index 0 = keep)."""
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, policy: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    linear = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.LayerNorm(epsilon=PREDICTOR_LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="in_conv_0")(x)
+    x = nn.gelu(linear(dim, "in_conv_1")(x), approximate=False)
+    local, rest = x[..., :dim // 2], x[..., dim // 2:]
+    global_mean = tok.masked_mean(rest, policy)
+    x = jnp.concatenate([local, jnp.broadcast_to(global_mean, rest.shape)], axis=-1)
+    x = nn.gelu(linear(dim // 2, "out_conv_0")(x), approximate=False)
+    x = nn.gelu(linear(dim // 4, "out_conv_2")(x), approximate=False)
+    return jax.nn.log_softmax(linear(2, "out_conv_4")(x).astype(jnp.float32), axis=-1)
+
+
+def gumbel_keep(rng: jax.Array, log_probs: jax.Array) -> jax.Array:
+  """Hard Gumbel-softmax (τ = 1) keep decisions (B, N) in {0, 1} with straight-through gradients
+  (torch's F.gumbel_softmax(hard=True)[..., 0])."""
+  soft = jax.nn.softmax(log_probs + jax.random.gumbel(rng, log_probs.shape), axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), 2, dtype=soft.dtype)
+  return (hard - jax.lax.stop_gradient(soft) + soft)[..., 0]
+
+
+class DynamicViT(VisionTransformer):
+  """DeiT with DynamicViT token pruning (see the module docstring).
+
+  `__call__(x, train=False, decisions=None)`: x (B, H, W, 3) -> logits (B, num_classes) float32.
+  `decisions`, optional, one (B, N_patches) {0, 1} array per stage, replaces the predictors'
+  choices (training: the Gumbel sample before the product with the previous stage; inference: the
+  ranking, so stage s must keep exactly `num_kept(s)` patches nested in the previous stage's) —
+  for analysis and tests.
+  """
+  keep_ratio: float = 0.7
+  pruning_loc: tuple[int, ...] = (3, 6, 9)
+
+  def __post_init__(self):
+    tok.check_plain_vit(self, "DynamicViT")
+    if not 0.0 < self.keep_ratio <= 1.0:
+      raise UserError(f"keep_ratio={self.keep_ratio} must be in (0, 1], e.g. 0.7.")
+    locs = tuple(self.pruning_loc)
+    if not locs or list(locs) != sorted(set(locs)) or locs[0] < 0 or locs[-1] >= self.depth:
+      raise UserError(f"pruning_loc={locs} must be increasing block indices in [0, {self.depth}).")
+    super().__post_init__()
+
+  def num_kept(self, stage: int) -> int:
+    """Patches kept after stage `stage` (0-based): int(N · keep_ratio^(stage + 1)), at least 1."""
+    num_patches = self.grid_size[0] * self.grid_size[1]
+    return max(1, int(num_patches * self.keep_ratio ** (stage + 1)))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               decisions: Sequence[jax.Array] | None = None) -> jax.Array:
+    dtype = jnp.dtype(self.dtype)
+    x = tok.embed(self, x, train)
+    batch, num_patches = x.shape[0], x.shape[1] - 1
+    block = functools.partial(
+        Block, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+        attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate, dtype=dtype,
+        param_dtype=self.param_dtype)
+    policy_block = functools.partial(
+        tok.PolicyBlock, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+        qkv_bias=self.qkv_bias, proj_drop_rate=self.proj_drop_rate, dtype=dtype,
+        param_dtype=self.param_dtype)
+    keep = jnp.ones((batch, num_patches), jnp.float32)  # training: the running decision
+    positions = jnp.broadcast_to(jnp.arange(num_patches), (batch, num_patches))  # inference
+    policy = None
+    stage = 0
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+      if i in self.pruning_loc:
+        predictor = ScorePredictor(dtype, self.param_dtype, name=f"score_predictor_{stage}")
+        log_probs = predictor(x[:, 1:], keep if train else jnp.ones((batch, x.shape[1] - 1)))
+        if train:
+          sample = (gumbel_keep(self.make_rng("sample"), log_probs) if decisions is None
+                    else decisions[stage].astype(jnp.float32))
+          keep = sample * keep
+          self.sow("intermediates", "keep_decisions", keep)
+          policy = jnp.concatenate([jnp.ones((batch, 1), keep.dtype), keep], axis=1)
+        else:
+          scores = log_probs[..., 0] if decisions is None else gather_decision(
+              decisions[stage], positions)
+          index = tok.top_k_indices(scores, self.num_kept(stage))
+          positions = tok.gather_tokens(positions, index)
+          x = jnp.concatenate([x[:, :1], tok.gather_tokens(x[:, 1:], index)], axis=1)
+          self.sow("intermediates", "kept_positions", positions)
+        stage += 1
+      if policy is None:
+        x = block(drop_path_rate=rate, name=f"blocks_{i}")(x, train=train)
+      else:
+        x = policy_block(drop_path_rate=rate, name=f"blocks_{i}")(x, policy, train=train)
+    x = tok.final_norm(self, x)
+    if train:
+      self.sow("intermediates", "tokens", x[:, 1:])
+    return tok.classify(self, x, train)
+
+
+def gather_decision(decision: jax.Array, positions: jax.Array) -> jax.Array:
+  """A (B, N_patches) decision over the original patches, read at the current `positions`."""
+  return jnp.take_along_axis(decision.astype(jnp.float32), positions, axis=1)
+
+
+for _name, _fields in VARIANTS.items():
+  register(_name)(functools.partial(DynamicViT, **_fields))
+
+
+# ----------------------------------------------------------------------------- training objective
+
+def teacher_outputs(ctx) -> tuple[jax.Array, jax.Array] | tuple[None, None]:
+  """The dense teacher's logits (B, classes) and final normed patch tokens (B, N, C), frozen."""
+  if ctx.teacher is None:
+    return None, None
+  logits, state = ctx.teacher.apply(
+      ctx.teacher_vars, ctx.images, train=False,
+      capture_intermediates=lambda mdl, method: mdl.name == "norm" and method == "__call__")
+  tokens = state["intermediates"]["norm"]["__call__"][0][:, 1:]
+  return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(tokens)
+
+
+@objectives.register("dynamicvit")
+def dynamicvit_objective(params, ctx: objectives.StepContext):
+  """DynamicViT's loss (authors' DistillDiffPruningLoss_dynamic with mse_token=True):
+  CE + ratio_weight · mean over stages of the keep-ratio MSE + distill_weight · KL(teacher logits)
+  + distill_weight · MSE(kept final tokens, teacher's). The teacher terms need a teacher
+  (config.distill.type != 'none'); without one they are left out. ctx.options: `ratio_weight`
+  (default 2.0), `distill_weight` (0.5).
+  """
+  ratio_weight = float(ctx.options.get("ratio_weight", 2.0))
+  distill_weight = float(ctx.options.get("distill_weight", 0.5))
+  model = ctx.model
+  targets = [model.keep_ratio ** (s + 1) for s in range(len(model.pruning_loc))]
+  teacher_logits, teacher_tokens = teacher_outputs(ctx)
+
+  def loss_fn(p):
+    (logits, state), batch_stats = ctx.apply(p, mutable=["intermediates"])
+    inter = state["intermediates"]
+    keeps = inter["keep_decisions"]
+    terms = {"cls_loss": losses.soft_cross_entropy(logits, ctx.targets),
+             "ratio_loss": losses.keep_ratio_mse(keeps, targets)}
+    loss = terms["cls_loss"] + ratio_weight * terms["ratio_loss"]
+    if teacher_logits is not None:
+      terms["kl_loss"] = losses.kl_distillation(logits, teacher_logits, 1.0)
+      terms["token_loss"] = losses.kept_token_mse(inter["tokens"][0], teacher_tokens,
+                                                  jax.lax.stop_gradient(keeps[-1]))
+      loss = loss + distill_weight * (terms["kl_loss"] + terms["token_loss"])
+    terms.update({f"keep_ratio_{s}": jnp.mean(k) for s, k in enumerate(keeps)})
+    return loss, (batch_stats, terms)
+
+  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, grads, batch_stats, terms
