@@ -34,9 +34,29 @@ def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
 
+def scale_by_path(rules: tuple[tuple[str, float], ...]) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by the scale of the first `(regex, scale)` rule whose regex
+  matches its path ('blocks_0/attn/qkv/kernel'); 1 where none does. Placed after AdamW this is a
+  per-parameter learning-rate multiplier (weight decay included, as torch parameter groups)."""
+  patterns = [(re.compile(r), float(scale)) for r, scale in rules]
+
+  def scale_of(path) -> float:
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return next((scale for pattern, scale in patterns if pattern.search(name)), 1.0)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * scale_of(p), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def create_optimizer(optim_cfg, *, batch_size: int, steps_per_epoch: int,
                      total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW (+ optional global-norm clipping) with the scaled lr `lr * batch_size / lr_base_batch`."""
+  """AdamW (+ optional global-norm clipping) with the scaled lr `lr * batch_size / lr_base_batch`.
+
+  `optim_cfg.lr_scales` (optional): ((regex, scale), ...) per-parameter learning-rate multipliers.
+  """
   base_lr = optim_cfg.lr * batch_size / optim_cfg.lr_base_batch
   schedule = create_learning_rate_fn(
       base_lr=base_lr, warmup_steps=int(round(optim_cfg.warmup_epochs * steps_per_epoch)),
@@ -49,4 +69,7 @@ def create_optimizer(optim_cfg, *, batch_size: int, steps_per_epoch: int,
   if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
   parts.append(adamw)
+  lr_scales = tuple(tuple(rule) for rule in optim_cfg.get("lr_scales", ()))
+  if lr_scales:
+    parts.append(scale_by_path(lr_scales))
   return optax.chain(*parts), schedule

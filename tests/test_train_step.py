@@ -194,3 +194,12 @@ def test_registered_objective_drives_the_step_and_reports_its_metrics():
   np.testing.assert_allclose(scaled_metrics["loss"], 3.0 * plain["loss"], rtol=1e-5)
   np.testing.assert_allclose(scaled_metrics["grad_norm"], 3.0 * plain["grad_norm"], rtol=1e-5)
   assert float(scaled_metrics["scale"]) == 3.0
+
+
+def test_lr_scales_multiply_the_updates_of_matching_parameters():
+  params = {"score_predictor_0": {"kernel": jnp.ones((2, 2))}, "blocks_0": {"kernel": jnp.ones((2, 2))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optim.scale_by_path((("^(?!score_predictor)", 0.01),))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["score_predictor_0"]["kernel"], 1.0)
+  np.testing.assert_allclose(updates["blocks_0"]["kernel"], 0.01)
