@@ -11,8 +11,8 @@ from compact_vit.convert import vit  # noqa: F401  registers the ViT / DeiT conv
 from compact_vit.convert import efficientformer, regnet  # noqa: F401  EfficientFormer V1/V2, RegNetY
 from compact_vit.convert import sepvit  # noqa: F401  registers the SepViT converter
 from compact_vit.convert import uninet  # noqa: F401  registers the UniNet converter
+from compact_vit.convert import token_reduction  # noqa: F401  DynamicViT, ATS, PatchMerger
+from compact_vit.convert import autoformer  # noqa: F401  AutoFormer / TF-TAS (authors' keys)
+from compact_vit.convert import nasvit  # noqa: F401  NASViT supernet
 
 __all__ = ["load_pytorch_state_dict", "read_state_dict", "register_converter"]
-from compact_vit.convert import autoformer  # noqa: E402,F401  AutoFormer / TF-TAS (authors' keys)
-from compact_vit.convert import nasvit  # noqa: F401  NASViT supernet
-from compact_vit.convert import token_reduction  # noqa: F401  DynamicViT, ATS, PatchMerger
