@@ -5,13 +5,15 @@ matmul, einsum and convolution in the inference graph, read from the jaxpr; elem
 softmax and normalisation are not counted (XLA's flop count would include them).
 
 CLI: `python -m compact_vit.profile --model NAME [--batch B] [--img-size S]` prints one JSON line
-with params, per-image GMACs and images/s (jitted inference on the default device).
+with params, per-image GMACs and images/s (jitted inference on the default device). The CLI and
+`eval.py` apply `set_cpu_defaults()` (XLA CPU flags measured in benchmarks/zoo.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -25,6 +27,22 @@ from jax.extend import core as jax_core
 from compact_vit.errors import UserError
 from compact_vit.models import create_model
 from compact_vit.models.layers import to_pair
+
+
+# XLA CPU flags that benchmarks/zoo.py measured to help here (see benchmarks/results/zoo_cpu.md).
+CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true",)
+
+
+def set_cpu_defaults() -> None:
+  """Adds each of `CPU_XLA_FLAGS` to XLA_FLAGS unless the user's XLA_FLAGS already sets that flag.
+
+  XLA reads XLA_FLAGS when JAX's backend starts (the first computation), so call this before.
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  given = {f.split("=")[0] for f in current.split()}
+  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in given]
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
 
 def count_params(params: Any) -> int:
@@ -59,6 +77,10 @@ def _jaxpr_macs(jaxpr: Any) -> int:
       total += eqn.params["length"] * _jaxpr_macs(eqn.params["jaxpr"].jaxpr)
     elif name == "cond":
       total += max(_jaxpr_macs(b.jaxpr) for b in eqn.params["branches"])
+    elif name in ("jit", "pjit") and eqn.params.get("name") == "depthwise_conv2d":
+      # layers.depthwise_conv2d: a depthwise conv as shifted multiply-adds, kh*kw MACs per output.
+      kernel = eqn.invars[1].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * kernel[0] * kernel[1]
     else:  # pjit, closed_call, custom_jvp_call, custom_vjp_call, remat, while, ...
       for sub in _sub_jaxprs(eqn.params):
         total += _jaxpr_macs(sub)
@@ -151,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
   args = parser.parse_args(argv)
+  set_cpu_defaults()
   try:
     if args.batch < 1 or args.steps < 1:
       raise UserError("--batch and --steps must be at least 1.")

@@ -68,3 +68,69 @@ def test_profile_cli_prints_one_json_line():
   assert result["params"] == 5_717_416 - (197 - 5) * 192  # 4 patches + cls at 32x32
   assert result["batch"] == 2 and result["img_size"] == 32
   assert result["gmacs"] > 0 and result["images_per_sec"] > 0
+
+
+def test_set_cpu_defaults_keeps_the_users_flags(monkeypatch):
+  from compact_vit import profile
+  name = profile.CPU_XLA_FLAGS[0].split("=")[0]
+  monkeypatch.setenv("XLA_FLAGS", f"{name}=false --xla_dump_to=/tmp/x")
+  profile.set_cpu_defaults()
+  assert os.environ["XLA_FLAGS"].split()[:2] == [f"{name}=false", "--xla_dump_to=/tmp/x"]
+  assert os.environ["XLA_FLAGS"].count(name) == 1
+  monkeypatch.delenv("XLA_FLAGS")
+  profile.set_cpu_defaults()
+  assert os.environ["XLA_FLAGS"].split() == list(profile.CPU_XLA_FLAGS)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, "SAME"),
+                                                   (5, 2, ((2, 2), (2, 2)))])
+def test_fast_depthwise_conv_matches_lax_and_counts_the_same_macs(kernel, stride, padding):
+  """layers.conv_general_dilated (shifted multiply-adds) vs lax's grouped conv: same output
+  (float32 rounding) and the same MACs for count_macs."""
+  from compact_vit.models import layers
+
+  class DwConv(nn.Module):
+    fast: bool
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      extra = {"conv_general_dilated": layers.conv_general_dilated} if self.fast else {}
+      return nn.Conv(12, (kernel, kernel), strides=stride, padding=padding,
+                     feature_group_count=12, **extra)(x)
+
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, 12))
+  variables = DwConv(False).init(jax.random.key(0), x)
+  ref, out = DwConv(False).apply(variables, x), DwConv(True).apply(variables, x)
+  assert out.shape == ref.shape
+  assert float(jnp.abs(out - ref).max()) < 1e-5
+  assert count_macs(DwConv(True), variables, x.shape) == count_macs(DwConv(False), variables,
+                                                                    x.shape)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pool2d_matches_flax_pooling(stride):
+  from compact_vit.models import layers
+  x = jax.random.normal(jax.random.key(2), (2, 7, 9, 4))
+  pad = ((1, 1), (1, 1))
+  ref_max = nn.max_pool(x, (3, 3), strides=(stride, stride), padding=pad)
+  ref_avg = nn.avg_pool(x, (3, 3), strides=(stride, stride), padding=pad, count_include_pad=False)
+  assert float(jnp.abs(layers.pool2d(x, 3, stride, 1, "max") - ref_max).max()) == 0
+  assert float(jnp.abs(layers.pool2d(x, 3, stride, 1, "avg") - ref_avg).max()) < 1e-6
+
+
+def test_dot_product_attention_matches_naive_softmax():
+  """Normalising after the weighted sum equals softmax(logits + bias, masked) @ v (NumPy)."""
+  import numpy as np
+  from compact_vit.models.layers import dot_product_attention
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 3, 5, 8)).astype(np.float32) for _ in range(3))
+  bias = rng.standard_normal((3, 5, 5)).astype(np.float32)
+  valid = rng.random((2, 1, 5, 5)) > 0.4
+  valid[..., 0] = True
+  out = np.asarray(dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                         bias=jnp.asarray(bias), valid=jnp.asarray(valid)))
+  logits = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(8) + bias
+  logits = np.where(valid, logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  ref = np.einsum("bhqk,bhkd->bhqd", weights / weights.sum(-1, keepdims=True), v)
+  assert np.abs(out - ref).max() < 1e-5

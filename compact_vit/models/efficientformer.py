@@ -33,7 +33,8 @@ from flax import linen as nn
 from compact_vit.errors import UserError
 from compact_vit.models import register
 from compact_vit.models.layers import (Dtype, DropPath, LayerScale, Mlp, batch_norm, conv_init,
-                                       dense, drop_path_rates, to_pair)
+                                       dense, dot_product_attention, drop_path_rates, pool2d,
+                                       to_pair)
 
 # Variant table: name -> fields of EfficientFormer (widths, depths and MB3D blocks per the paper).
 VARIANTS: dict[str, dict] = {
@@ -87,13 +88,12 @@ class Attention(nn.Module):
     heads, key_dim, val_dim = self.num_heads, self.key_dim, int(self.attn_ratio * self.key_dim)
     qkv = dense(heads * (2 * key_dim + val_dim), "qkv", self.dtype, self.param_dtype)(x)
     qkv = qkv.reshape(batch, tokens, heads, 2 * key_dim + val_dim)
-    q, k, v = jnp.split(qkv, [key_dim, 2 * key_dim], axis=-1)
+    q, k, v = jnp.split(qkv.transpose(0, 2, 1, 3), [key_dim, 2 * key_dim], axis=-1)  # (B, h, N, d)
     biases = self.param("attention_biases", nn.initializers.zeros,
                         (heads, self.grid[0] * self.grid[1]), self.param_dtype)
     bias = biases[:, relative_bias_index(self.grid, self.grid)]  # (heads, N, N)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * key_dim**-0.5, k).astype(jnp.float32)
-    weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(v.dtype)
-    x = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, heads * val_dim)
+    x = dot_product_attention(q, k, v, bias=bias)  # (B, heads, N, val_dim)
+    x = x.transpose(0, 2, 1, 3).reshape(batch, tokens, heads * val_dim)
     return dense(dim, "proj", self.dtype, self.param_dtype)(x)
 
 
@@ -135,8 +135,7 @@ class MetaBlock2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
-    pooled = nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                         count_include_pad=False)
+    pooled = pool2d(x, 3, strides=1, padding=1, kind="avg")
     y = LayerScale(self.layer_scale_init, self.param_dtype, name="ls1")(pooled - x)
     x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train)
     y = ConvMlp(int(dim * self.mlp_ratio), self.drop_rate, self.dtype, self.param_dtype,

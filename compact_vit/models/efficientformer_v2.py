@@ -33,7 +33,8 @@ from compact_vit.errors import UserError
 from compact_vit.models import register
 from compact_vit.models.efficientformer import check_img_size, relative_bias_index
 from compact_vit.models.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm,
-                                       conv_init, dense, drop_path_rates, to_pair)
+                                       conv_general_dilated, conv_init, dense, drop_path_rates,
+                                       to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
 # (timm's EfficientFormer_expansion_ratios); drop path is each variant's training default.
@@ -137,7 +138,7 @@ class LocalGlobalQuery(nn.Module):
     dim = x.shape[-1]
     local = nn.Conv(dim, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=dim,
                     kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="local")(x)
+                    conv_general_dilated=conv_general_dilated, name="local")(x)
     return ConvNormAct(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="proj")(local + x[:, ::2, ::2], train)
 

@@ -7,9 +7,16 @@ state-dict keys (`qkv`, `proj`, `fc1`, `fc2`, `norm1`, `ls1/gamma`), which keeps
 
 Departures from timm: attention softmax runs in float32 whatever the compute dtype (as torch
 autocast does); `Attention` accepts a boolean key mask (see its docstring).
+
+Speed (XLA on CPU, benchmarks/zoo.py): attention runs heads-major and normalises after the
+weighted sum (`dot_product_attention`); depthwise convolutions run as shifted multiply-adds
+(`conv_general_dilated`, passed to `nn.Conv`) and 3x3 pooling as shifted max / sum (`pool2d`),
+since XLA's grouped convolution and reduce_window are many times slower there. Same parameters,
+same results up to float32 rounding.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -98,6 +105,37 @@ class Mlp(nn.Module):
     return nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          bias: jax.Array | None = None, valid: jax.Array | None = None,
+                          dropout: nn.Dropout | None = None,
+                          scale: float | None = None) -> jax.Array:
+  """softmax(scale * q k^T + bias, masked by `valid`) v, heads-major: q (..., Nq, D),
+  k (..., Nk, D), v (..., Nk, Dv) -> (..., Nq, Dv); `bias`, `valid` (bool) broadcast to
+  (..., Nq, Nk).
+
+  `scale` defaults to D**-0.5. Logits and softmax are float32. The softmax is normalised after the
+  weighted sum (divide the (Nq, Dv) output by the row sums, not the (Nq, Nk) weights), which saves
+  a pass over the largest tensor: on CPU this is what makes XLA match PyTorch's fused attention.
+  Dropout, when given, applies to the unnormalised weights (the same as dropping normalised ones).
+  Invalid keys get `finfo(float32).min` logits via `jnp.where`; the caller keeps one valid key per
+  row.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  logits = jnp.einsum("...qd,...kd->...qk", q * jnp.asarray(scale, q.dtype), k)
+  logits = logits.astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if valid is not None:
+    logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  denominator = weights.sum(-1, keepdims=True)
+  weights = weights.astype(v.dtype)
+  if dropout is not None:
+    weights = dropout(weights)
+  out = jnp.einsum("...qk,...kd->...qd", weights, v)
+  return (out.astype(jnp.float32) / denominator).astype(v.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; the fused `qkv` output is laid out as timm's (3, heads, head_dim).
 
@@ -120,15 +158,13 @@ class Attention(nn.Module):
     batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
     qkv = dense(3 * dim, "qkv", self.dtype, self.param_dtype, use_bias=self.qkv_bias)(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, D) each
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    valid = None
     if mask is not None:
       valid = mask.astype(bool)[:, None, None, :] | jnp.eye(tokens, dtype=bool)  # (B, 1, N, N)
-      logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights)
-    x = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
+    dropout = nn.Dropout(self.attn_drop_rate, deterministic=not train)
+    x = dot_product_attention(qkv[0], qkv[1], qkv[2], valid=valid, dropout=dropout)
+    x = x.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
     x = dense(dim, "proj", self.dtype, self.param_dtype)(x)
     return nn.Dropout(self.proj_drop_rate, deterministic=not train)(x)
 
@@ -200,6 +236,76 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
 BN_EPS = 1e-5
 
 
+def _window_slices(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+                   padding: Any, pad_value: float = 0.0):
+  """Yields ((i, j), x_ij): for each window offset, the strided (B, H', W', C) slice of the padded
+  NHWC `x` that the offset sees, so that a k x k window op is k*k elementwise ops."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=pad_value)
+  out_h = (x.shape[1] - window[0]) // strides[0] + 1
+  out_w = (x.shape[2] - window[1]) // strides[1] + 1
+  for i in range(window[0]):
+    for j in range(window[1]):
+      yield (i, j), jax.lax.slice(
+          x, (0, i, j, 0), (x.shape[0], i + (out_h - 1) * strides[0] + 1,
+                            j + (out_w - 1) * strides[1] + 1, x.shape[3]), (1, *strides, 1))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, **kwargs) -> jax.Array:
+  """`jax.lax.conv_general_dilated` that computes NHWC depthwise convolutions (kernel
+  (kh, kw, 1, C), C groups, no dilation) as kh*kw shifted multiply-adds, which XLA fuses into one
+  loop: on CPU its grouped convolution is 10x or more slower. Anything else goes to lax. Pass it
+  to `nn.Conv(..., conv_general_dilated=conv_general_dilated)`; parameters are unchanged."""
+  dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  channels = lhs.shape[-1]
+  depthwise = (lhs.ndim == 4 and dims.lhs_spec == (0, 3, 1, 2) and dims.rhs_spec == (3, 2, 0, 1)
+               and dims.out_spec == (0, 3, 1, 2) and feature_group_count == channels > 1
+               and rhs.shape[2:] == (1, channels)
+               and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+  if not depthwise:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        **kwargs)
+  if not isinstance(padding, str):
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  return depthwise_conv2d(lhs, rhs, tuple(int(s) for s in window_strides), padding)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                     padding: str | tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """NHWC depthwise convolution, x (B, H, W, C), kernel (kh, kw, 1, C), as kh*kw shifted
+  multiply-adds. A jitted function of its own so that `compact_vit.profile.count_macs` finds it
+  by name in the jaxpr and counts kh*kw MACs per output element (XLA inlines it)."""
+  out = None
+  for (i, j), patch in _window_slices(x, kernel.shape[:2], strides, padding):
+    term = patch * kernel[i, j, 0]
+    out = term if out is None else out + term
+  return out
+
+
+def pool2d(x: jax.Array, window: int, strides: int, padding: int, kind: str) -> jax.Array:
+  """k x k `kind` ('max' or 'avg') pooling of NHWC `x` with symmetric zero / -inf `padding`, as
+  torch's MaxPool2d and AvgPool2d(count_include_pad=False), computed as k*k shifted elementwise
+  ops (faster than XLA's reduce_window on CPU). (B, H, W, C) -> (B, H', W', C)."""
+  args = ((window, window), (strides, strides), ((padding, padding), (padding, padding)))
+  if kind == "max":
+    out = None
+    for _, patch in _window_slices(x, *args, pad_value=-jnp.inf):
+      out = patch if out is None else jnp.maximum(out, patch)
+    return out
+  total = sum(patch for _, patch in _window_slices(x, *args))
+  ones = np.pad(np.ones(x.shape[1:3], np.float32), padding)  # real (not padding) positions
+  count = sum(ones[i:i + strides * (total.shape[1] - 1) + 1:strides,
+                   j:j + strides * (total.shape[2] - 1) + 1:strides]
+              for i in range(window) for j in range(window))
+  return total / jnp.asarray(count[None, :, :, None], x.dtype)
+
+
 def batch_norm(name: str, train: bool, dtype: Dtype, param_dtype: Dtype) -> nn.BatchNorm:
   """torch's BatchNorm2d defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9); running statistics
   live in the `batch_stats` collection and are used when `train` is False. Flax updates the running
@@ -228,6 +334,7 @@ class ConvNormAct(nn.Module):
     x = nn.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
                 padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
                 use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv")(x)
+                param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated,
+                name="conv")(x)
     x = batch_norm("bn", train, self.dtype, self.param_dtype)(x)
     return x if self.act is None else self.act(x)

@@ -48,7 +48,8 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import DropPath, Dtype, Mlp, dense, drop_path_rates, to_pair
+from compact_vit.models.layers import (DropPath, Dtype, Mlp, conv_general_dilated, dense,
+                                       dot_product_attention, drop_path_rates, to_pair)
 
 # Variant table: name -> fields of SepViT (authors' SepViT_Lite/_Tiny/_Small/_Base). Windows per
 # block: stage 1 [7], stage 2 [7, 14], stage 3 alternating 7/14, stage 4 [7, 7] (global at 224).
@@ -137,13 +138,14 @@ class SeparableAttention(nn.Module):
     # Depthwise self-attention: MHSA inside each window (window token included).
     qkv = dense(3 * dim, "dsa_qkv", self.dtype, self.param_dtype, self.qkv_bias)(x)
     qkv = qkv.reshape(batch, num_windows, tokens, 3, heads, head_dim)
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, nW, T, H, D)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * scale, k).astype(jnp.float32)
+    qkv = qkv.transpose(3, 0, 1, 4, 2, 5)  # (3, B, nW, H, T, D)
+    valid = None
     if windowed and padded:  # padded keys masked; the window token keeps every row non-empty
       keys = np.concatenate([np.ones((num_windows, 1), bool), real], axis=1)  # (nW, T)
-      logits = jnp.where(keys[None, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = attn_drop(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(x.shape) + x
+      valid = keys[None, :, None, None, :]
+    out = dot_product_attention(qkv[0], qkv[1], qkv[2], valid=valid, dropout=attn_drop,
+                                scale=scale)
+    out = out.transpose(0, 1, 3, 2, 4).reshape(x.shape) + x
 
     if windowed:
       # Pointwise self-attention: window tokens give Q, K; V is each window's feature map.
@@ -249,7 +251,8 @@ class PosConv(nn.Module):
     dim = x.shape[-1]
     return x + nn.Conv(dim, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=dim,
                        dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=conv_init(groups=dim), name="proj")(x)
+                       kernel_init=conv_init(groups=dim),
+                       conv_general_dilated=conv_general_dilated, name="proj")(x)
 
 
 class SepViT(nn.Module):

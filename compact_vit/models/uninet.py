@@ -34,7 +34,8 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, dense, drop_path_rates,
+from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, conv_general_dilated,
+                                       dense, dot_product_attention, drop_path_rates, pool2d,
                                        to_pair)
 
 # Variant table: name -> fields of UniNet (the authors' UniNetB0 ... UniNetB5, ECCV version).
@@ -65,7 +66,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 def max_pool(x: jax.Array, stride: int) -> jax.Array:
   """MaxPool2d(3, stride, padding=1) on NHWC (padding is -inf, as torch)."""
-  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
+  return pool2d(x, 3, strides=stride, padding=1, kind="max")
 
 
 class _Layers:
@@ -79,7 +80,8 @@ class _Layers:
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                    feature_group_count=groups, use_bias=bias, dtype=self.dtype,
-                   param_dtype=self.param_dtype, kernel_init=_torch_conv_init, name=name)
+                   param_dtype=self.param_dtype, kernel_init=_torch_conv_init,
+                   conv_general_dilated=conv_general_dilated, name=name)
 
   def batch_norm(self, name: str, zero_init: bool = False) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
@@ -194,17 +196,16 @@ class _Attention(nn.Module):
     heads, head_dim = self.num_heads, dim // self.num_heads
     if kv_in is None:
       qkv = dense(3 * dim, "qkv", self.dtype, self.param_dtype)(q_in)
-      qkv = qkv.reshape(batch, queries, 3, heads, head_dim)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      qkv = qkv.reshape(batch, queries, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+      q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, N, head_dim)
     else:
-      q = q_in.reshape(batch, queries, heads, head_dim)
+      q = q_in.reshape(batch, queries, heads, head_dim).transpose(0, 2, 1, 3)
       kv = dense(2 * dim, "kv", self.dtype, self.param_dtype)(kv_in)
-      kv = kv.reshape(batch, kv_in.shape[1], 2, heads, head_dim)
-      k, v = kv[:, :, 0], kv[:, :, 1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, queries, dim)
+      kv = kv.reshape(batch, kv_in.shape[1], 2, heads, head_dim).transpose(2, 0, 3, 1, 4)
+      k, v = kv[0], kv[1]
+    out = dot_product_attention(
+        q, k, v, dropout=nn.Dropout(self.attn_drop_rate, deterministic=not train))
+    out = out.transpose(0, 2, 1, 3).reshape(batch, queries, dim)
     out = dense(dim, "proj", self.dtype, self.param_dtype)(out)
     return nn.Dropout(self.proj_drop_rate, deterministic=not train)(out)
 
