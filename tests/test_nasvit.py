@@ -170,3 +170,81 @@ def test_alpha_divergence_gradient_matches_numpy_kl():
   softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
       z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
   np.testing.assert_allclose(grad, (softmax(student) - softmax(teacher)) / 2, atol=1e-6)
+
+
+# A two-stage space (MBConv; MBConv + transformer) keeping the sandwich / recalibration tests'
+# compilations short, and a subnet of it masking the first conv (4 of 8), stage 2's hidden width
+# (8 of 16) and stage 1's second block.
+MICRO_SPACE = nasvit.Space((4, 8), (nasvit.Stage((8,), (1, 2), (3,), (1,), 1),
+                                    nasvit.Stage((8, 16), (1, 2), (3,), (1, 2), 2, True, True)),
+                           (16,))
+MICRO_SUBNET = dict(first_conv=4, last_conv=16, width=(8, 8), depth=(1, 1), kernel=(3, 3),
+                    expand=(1, 1))
+
+
+@pytest.fixture(scope="module")
+def micro():
+  model = nasvit.NASViT(num_classes=7, img_size=16, space=MICRO_SPACE)
+  return model, _random_variables(model, 16)
+
+
+def test_sandwich_step_compiles_once_across_sampled_resolutions(micro):
+  """Steps whose random subnet draws different resolutions (12 or 16 px, resized inside the
+  step) share one compilation."""
+  from compact_vit import objectives
+  model, variables = micro
+  rng = np.random.default_rng(5)
+  images = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  targets = np.eye(7, dtype=np.float32)[[1, 4]]
+  options = {"num_random": 1, "gradient_projection": False, "resolutions": (16, 12)}
+
+  @jax.jit
+  def step(params, stats, key):
+    ctx = objectives.StepContext(model=model, images=images, targets=targets, rngs={}, key=key,
+                                 step=jnp.zeros((), jnp.int32), batch_stats=stats, distill={},
+                                 options=options)
+    loss, grads, new_stats, metrics = nasvit.nasvit_sandwich(params, ctx)
+    return loss, metrics["mean_resolution"], new_stats
+
+  seen = set()
+  for seed in range(4):
+    loss, mean_res, new_stats = step(variables["params"], variables["batch_stats"],
+                                     jax.random.key(seed))
+    assert np.isfinite(float(loss))
+    seen.add(round(3 * float(mean_res)) - 28)  # (16 + 12 + r) / 3: r the random one's
+  assert seen == {12, 16}, seen
+  assert step._cache_size() == 1
+
+
+def test_recalibrated_stats_are_mean_of_batch_moments(micro):
+  """Recalibrated BN statistics equal the average over batches of the per-batch mean and biased
+  variance (NumPy) of the subnet's activations entering that BN, at the subnet's resolution;
+  entries the subnet does not use keep their values."""
+  model, variables = micro
+  rng = np.random.default_rng(6)
+  batches = [rng.standard_normal((3, 16, 16, 3)).astype(np.float32) for _ in range(3)]
+  arch = dict(MICRO_SUBNET, resolution=12)
+  out = nasvit.recalibrate_batch_stats(model, variables, arch, batches)
+  small = model.clone(img_size=12)
+  captured = {"first_conv": [], "depth_conv": []}
+  capture = jax.jit(lambda v, x: small.apply(
+      v, nasvit.resize_images(x, 12), train=True, subnet=nasvit.as_arrays(MICRO_SUBNET),
+      mutable=["batch_stats", "intermediates"],
+      capture_intermediates=lambda m, name: m.name in captured)[1]["intermediates"])
+  for x in batches:  # activations of the subnet in training mode (batch statistics)
+    inter = capture(variables, x)
+    captured["first_conv"].append(np.asarray(inter["first_conv"]["__call__"][0], np.float64))
+    captured["depth_conv"].append(
+        np.asarray(inter["stage2_block0"]["depth_conv"]["__call__"][0], np.float64))
+  stats, old = out["batch_stats"], variables["batch_stats"]
+  for acts, bn, active in ((captured["first_conv"], stats["first_conv_bn"], 4),
+                           (captured["depth_conv"], stats["stage2_block0"]["depth_conv_bn"], 8)):
+    mean = np.mean([a.mean((0, 1, 2)) for a in acts], 0)
+    var = np.mean([a.var((0, 1, 2)) for a in acts], 0)
+    np.testing.assert_allclose(bn["mean"][:active], mean[:active], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn["var"][:active], var[:active], rtol=1e-4, atol=1e-5)
+  old_dw = old["stage2_block0"]["depth_conv_bn"]
+  np.testing.assert_array_equal(stats["stage2_block0"]["depth_conv_bn"]["mean"][8:],
+                                old_dw["mean"][8:])  # masked channels untouched
+  jax.tree.map(np.testing.assert_array_equal, stats["stage1_block1"],
+               old["stage1_block1"])  # inactive block (depth 1 of 2) untouched

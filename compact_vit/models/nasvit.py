@@ -28,12 +28,18 @@ Blocks, as the authors' dynamic modules:
   Switchable layer scaling: each branch is scaled by `rescale_*[d, N % 8, :C] * 8 / C` (d the
   stage's active depth, N the number of tokens, C the active width), tables of (10, 8, C).
 
-Departures: BatchNorm keeps running statistics with momentum 0.1, and the sandwich objective moves
-them with the largest subnet's pass only (the authors train with momentum 0 and recalibrate them
-per subnet afterwards; that recalibration is not implemented, so a smaller subnet's eval-mode
-accuracy is not meaningful yet); the input is not resized to a subnet resolution inside the model
-(it runs at its input's size, and the sandwich objective trains every subnet at the config's image
-size, where the authors sample a resolution per subnet); drop path applies to the
+Training and evaluation: the sandwich objective resizes the batch per pass (bicubic, as the
+authors' `F.interpolate`) to a resolution of `objective.resolutions`: the largest subnet at the
+largest, the smallest at the smallest, random subnets at a random one (`lax.switch` over the
+resolutions, so one compilation per step function). `recalibrate_batch_stats` recomputes a
+subnet's BatchNorm statistics as the authors' calibration (training-mode passes over a few
+batches, momentum-free cumulative average) before evaluating it.
+
+Departures: BatchNorm keeps running statistics with momentum 0.1 during training, moved by the
+largest subnet's pass only (the authors train with momentum 0 and always recalibrate); running
+and recalibrated variances are the biased batch variance (torch stores the unbiased one); JAX's
+bicubic kernel uses a = -0.5 (torch -0.75); the model itself does not resize its input (it runs
+at its input's size; the objective and `recalibrate_batch_stats` resize); drop path applies to the
 transformer branches. `nasvit_a0`..`a5` are defined by searching this supernet under each MACs
 target (208, 309, 421, 528, 591, 757 M), not taken from the paper (its appendix does not list them
 and the authors release no subnet definitions). The released supernet checkpoint converts with
@@ -163,9 +169,11 @@ def _apply_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 class MaskedBatchNorm(nn.Module):
   """BatchNorm (torch eps 1e-5, momentum 0.1) whose running statistics move only for active
-  channels of active blocks, and whose output is zero outside the channel mask. NHWC."""
+  channels of active blocks, and whose output is zero outside the channel mask. NHWC.
+  `momentum` 1.0 makes the running statistics the batch's (recalibration)."""
   scale_init: Any = nn.initializers.ones
   dtype: Dtype = jnp.float32
+  momentum: float = 0.1
 
   @nn.compact
   def __call__(self, x, mask=None, train=False, active=True):
@@ -179,8 +187,9 @@ class MaskedBatchNorm(nn.Module):
       mean, var = xf.mean((0, 1, 2)), xf.var((0, 1, 2))
       if not self.is_initializing():
         update = jnp.asarray(active) & (True if mask is None else mask > 0)
-        ra_mean.value = jnp.where(update, 0.9 * ra_mean.value + 0.1 * mean, ra_mean.value)
-        ra_var.value = jnp.where(update, 0.9 * ra_var.value + 0.1 * var, ra_var.value)
+        m = self.momentum
+        ra_mean.value = jnp.where(update, (1 - m) * ra_mean.value + m * mean, ra_mean.value)
+        ra_var.value = jnp.where(update, (1 - m) * ra_var.value + m * var, ra_var.value)
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
@@ -260,6 +269,7 @@ class MBConv(nn.Module):
   se: bool
   first: bool
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
 
   @nn.compact
   def __call__(self, x, in_mask, sub, train, active):
@@ -273,7 +283,7 @@ class MBConv(nn.Module):
       out_mask = _channel_mask(c_out, self.out_max, x.dtype)
       r = jnp.abs(jnp.arange(self.kernel_max) - self.kernel_max // 2) <= k // 2
       kmask = (r[:, None] & r[None, :]).astype(x.dtype)[:, :, None, None]
-    bn = functools.partial(MaskedBatchNorm, dtype=self.dtype)
+    bn = functools.partial(MaskedBatchNorm, dtype=self.dtype, momentum=self.bn_momentum)
     y = x
     if self.expand_max > 1:
       y = _conv(hidden_max, name="inverted_bottleneck", dtype=self.dtype)(y)
@@ -375,6 +385,7 @@ class NASViT(nn.Module):
   drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  bn_momentum: float = 0.1
 
   def __post_init__(self):
     if self.num_classes < 1 or not 0.0 <= self.drop_path_rate < 1.0:
@@ -402,7 +413,7 @@ class NASViT(nn.Module):
     sub = as_arrays(subnet) if masked else None
     get = (lambda key, i=None: sub[key] if i is None else sub[key][i]) if masked else (
         lambda key, i=None: None)
-    bn = functools.partial(MaskedBatchNorm, dtype=self.dtype)
+    bn = functools.partial(MaskedBatchNorm, dtype=self.dtype, momentum=self.bn_momentum)
     c0 = max(self.space.first_conv)
     mask = _channel_mask(get("first_conv"), c0, self.dtype)
     x = _conv(c0, 3, 2, name="first_conv", dtype=self.dtype)(x.astype(self.dtype))
@@ -422,8 +433,8 @@ class NASViT(nn.Module):
         else:
           s = (c_in, get("width", si), get("kernel", si), get("expand", si)) if masked else None
           y, mask = MBConv(max(st.widths), max(st.kernels), max(st.expands),
-                           st.stride if bi == 0 else 1, st.se, bi == 0, dtype=self.dtype,
-                           name=name)(x, mask, s, train, active)
+                           st.stride if bi == 0 else 1, st.se, bi == 0, self.dtype,
+                           self.bn_momentum, name=name)(x, mask, s, train, active)
           c_in = get("width", si)
         x = y if bi == 0 or not masked else jnp.where(active, y, x)
         block += 1
@@ -458,6 +469,47 @@ def slice_params(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, 
         index.append(slice(0, n))
     out[k] = src[tuple(index)]
   return out
+
+
+def resize_images(images: jax.Array, size: int) -> jax.Array:
+  """(B, H, W, C) -> (B, size, size, C) bicubic without antialiasing (the authors'
+  `F.interpolate(x, size, mode='bicubic')`; JAX's cubic uses a = -0.5 where torch uses -0.75).
+  Unchanged when already at `size`."""
+  if images.shape[1] == size and images.shape[2] == size:
+    return images
+  shape = (images.shape[0], size, size, images.shape[3])
+  return jax.image.resize(images, shape, "bicubic", antialias=False).astype(images.dtype)
+
+
+def recalibrate_batch_stats(model: NASViT, variables: Mapping[str, Any], arch: Mapping[str, Any],
+                            batches) -> dict[str, Any]:
+  """BatchNorm statistics of one subnet, recomputed as the authors do before evaluating it:
+  forward `batches` (an iterable of (B, H, W, 3) images) in training mode through the subnet and
+  set every running mean / variance to the plain (momentum-free) average of its per-batch mean /
+  biased variance. Images are resized to `arch["resolution"]` when given (default the model's
+  img_size). `arch` is a subnet dict (`sample_subnet` keys, python or array ints; ignored apart
+  from its resolution for a standalone model). Entries the subnet does not use (masked channels,
+  inactive blocks) keep their values. Returns `variables` with the new `batch_stats`."""
+  arch = dict(arch)
+  size = int(arch.pop("resolution", model.img_size))
+  calib = model.clone(img_size=size, bn_momentum=1.0, drop_rate=0.0, drop_path_rate=0.0)
+  sub = as_arrays(arch) if model.is_supernet else None
+
+  @jax.jit
+  def batch_moments(v, x, sub):
+    _, new = calib.apply(v, resize_images(x, size), train=True, subnet=sub,
+                         mutable=["batch_stats"])
+    return new["batch_stats"]
+
+  average, n = None, 0
+  for x in batches:  # cumulative average (torch momentum=None): unused entries stay exact
+    stats = batch_moments(variables, jnp.asarray(x, jnp.float32), sub)
+    n += 1
+    average = stats if average is None else jax.tree.map(
+        lambda m, s: m + (s - m) / n, average, stats)
+  if n == 0:
+    raise UserError("recalibrate_batch_stats needs at least one batch of training images.")
+  return dict(variables, batch_stats=average)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -551,31 +603,53 @@ def nasvit_sandwich(params, ctx: objectives.StepContext):
   subnets distilled in place from the largest's logits with the α-divergence. With
   `gradient_projection` (default True) each subnet's gradient that conflicts with the largest's
   is projected onto its normal plane. BatchNorm running statistics follow the largest subnet's
-  pass (the one evaluation runs; the authors recalibrate them per subnet after training).
+  pass (the one evaluation runs; `recalibrate_batch_stats` recomputes them for another subnet).
 
-  The passes run as one `lax.scan` over the stacked subnets (pass 0 the largest), so the model's
-  forward and backward are traced and compiled once per step, not once per pass."""
+  Resolutions (`resolutions`, default the input's size only): as the authors' sampler, the
+  largest subnet runs at the largest, the smallest at the smallest, each random subnet at a
+  uniformly sampled one; the batch is resized inside the step (`resize_images`).
+
+  The passes run as one `lax.scan` over the stacked subnets (pass 0 the largest); each pass
+  picks its resolution with `lax.switch` over one branch per resolution (static shapes in each),
+  so the step compiles once for every sampled subnet and resolution."""
   opts = dict(ctx.options)
   space = ctx.model.space
   num_random = int(opts.get("num_random", 2))
   project = bool(opts.get("gradient_projection", True))
+  resolutions = tuple(sorted({int(r) for r in opts.get("resolutions", ())}))
+  resolutions = resolutions or (ctx.images.shape[1],)
+  sub_key, res_key = jax.random.split(ctx.key)
   subnets = [as_arrays(largest(space)), as_arrays(smallest(space))] + [
-      sample_subnet(k, space) for k in jax.random.split(ctx.key, num_random)]
+      sample_subnet(k, space) for k in jax.random.split(sub_key, num_random)]
   stacked = jax.tree.map(lambda *v: jnp.stack(v), *subnets)
+  res_index = jnp.concatenate([
+      jnp.asarray([len(resolutions) - 1, 0], jnp.int32),
+      jax.random.randint(res_key, (num_random,), 0, len(resolutions), jnp.int32)])
   zeros = jax.tree.map(jnp.zeros_like, params)
 
+  def at_resolution(size):
+    model = ctx.model.clone(img_size=size)
+
+    def branch(p, stats, subnet, teacher, i):
+      images = resize_images(ctx.images, size)
+
+      def loss_fn(p):
+        logits, new = model.apply({"params": p, "batch_stats": stats}, images, train=True,
+                                  subnet=subnet, rngs=dict(ctx.rngs), mutable=["batch_stats"])
+        ce = losses.soft_cross_entropy(logits, ctx.targets)
+        kd = alpha_divergence(logits, teacher)
+        return jnp.where(i == 0, ce, kd), (logits, new["batch_stats"])
+
+      return jax.value_and_grad(loss_fn, has_aux=True)(p)
+    return branch
+
+  branches = [at_resolution(r) for r in resolutions]
+
   def one_pass(carry, xs):
-    i, subnet = xs
+    i, subnet, r = xs
     stats, teacher, grads, g_largest = carry
-
-    def loss_fn(p):
-      logits, new = ctx.model.apply({"params": p, "batch_stats": stats}, ctx.images, train=True,
-                                    subnet=subnet, rngs=dict(ctx.rngs), mutable=["batch_stats"])
-      ce = losses.soft_cross_entropy(logits, ctx.targets)
-      kd = alpha_divergence(logits, teacher)
-      return jnp.where(i == 0, ce, kd), (logits, new["batch_stats"])
-
-    (loss, (logits, new_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (logits, new_stats)), g = jax.lax.switch(r, branches, params, stats, subnet, teacher,
+                                                    i)
     flag = jnp.zeros(())
     if project:  # pass 0 projects onto zeros: unchanged
       g, flag = project_conflicting(g, g_largest)
@@ -588,9 +662,9 @@ def nasvit_sandwich(params, ctx: objectives.StepContext):
   teacher0 = jnp.zeros(ctx.targets.shape, jnp.float32)
   carry = (ctx.batch_stats, teacher0, zeros, zeros)
   (batch_stats, _, grads, _), (pass_losses, flags) = jax.lax.scan(
-      one_pass, carry, (jnp.arange(len(subnets)), stacked))
+      one_pass, carry, (jnp.arange(len(subnets)), stacked, res_index))
   n_sub = len(subnets) - 1
+  sizes = jnp.asarray(resolutions, jnp.float32)[res_index]
   return pass_losses.sum(), grads, batch_stats, {
       "ce_largest": pass_losses[0], "kd_subnets": pass_losses[1:].mean(),
-      "conflict_fraction": flags[1:].sum() / n_sub}
-
+      "conflict_fraction": flags[1:].sum() / n_sub, "mean_resolution": sizes.mean()}
