@@ -1,5 +1,6 @@
-"""Search: space operators under limits, unsatisfiable limits, evolution resume, DSS against a
-naive reference (extracted subnet, NumPy SVD), a tiny end-to-end TF-TAS search.json."""
+"""Search: space operators under limits, unsatisfiable limits, evolution resume, the Newton-Schulz
+nuclear norm against NumPy SVD, DSS against a naive reference (extracted subnet, NumPy SVD), a tiny
+end-to-end TF-TAS search.json."""
 import json
 import os
 
@@ -11,7 +12,7 @@ import pytest
 from compact_vit import search
 from compact_vit.errors import UserError
 from compact_vit.models import autoformer
-from compact_vit.search import evolution, space as space_lib
+from compact_vit.search import evolution, space as space_lib, tf_tas
 from configs import autoformer_common
 
 TINY = dict(patch_size=4, head_dim=4, max_relative_position=1, embed_dims=(8, 12, 16),
@@ -99,6 +100,17 @@ def _naive_dss(model, params, arch):
     total += sum(nuc(g["attn"][n]["kernel"]) * nuc(w["attn"][n]["kernel"]) for n in ("qkv", "proj"))
     total += sum(np.sum(np.abs(f64(g[n]["kernel"]) * f64(w[n]["kernel"]))) for n in ("fc1", "fc2"))
   return total
+
+
+def test_nuclear_norm_of_low_rank_matrices_against_numpy_svd():
+  """Like DSS gradients: numerically low rank (a few large singular values over a tiny tail)."""
+  rng = np.random.default_rng(0)
+  mats = [rng.normal(size=(m, 4)) @ (rng.normal(size=(4, n)) * [[1.0], [0.3], [0.05], [0.01]])
+          + 1e-6 * rng.normal(size=(m, n)) for m, n in ((48, 20), (20, 60), (33, 33))]
+  mats.append(np.abs(rng.normal(size=(24, 40))))  # full rank, like |W|
+  got = jax.jit(lambda ms: [tf_tas.nuclear_norm(jnp.asarray(m, jnp.float32)) for m in ms])(mats)
+  for m, g in zip(mats, got):
+    np.testing.assert_allclose(float(g), np.linalg.svd(m, compute_uv=False).sum(), rtol=1e-4)
 
 
 def test_tiny_tf_tas_search_json_and_dss_against_naive_reference(tmp_path):
