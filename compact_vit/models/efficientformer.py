@@ -239,6 +239,39 @@ class Stage(nn.Module):
     return x
 
 
+def rate_and_dtype_problems(model) -> list[str]:
+  """Settings problems shared by EfficientFormer V1 and V2: dropout rates and the compute dtype."""
+  problems = []
+  for name in ("drop_rate", "head_drop_rate", "drop_path_rate"):
+    if not 0.0 <= getattr(model, name) < 1.0:
+      problems.append(f"{name}={getattr(model, name)} is not in [0, 1)")
+  try:
+    jnp.dtype(model.dtype)
+  except TypeError:
+    problems.append(f"dtype={model.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
+  return problems
+
+
+def check_input_size(model, x: jax.Array) -> None:
+  if tuple(x.shape[1:3]) != to_pair(model.img_size):
+    raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
+                    f"img_size={model.img_size}; create it with img_size={x.shape[1]}.")
+
+
+def distilled_heads(model, x: jax.Array, train: bool):
+  """The classifier `head` (+ `head_dist` with distillation) on pooled features x (B, C), called
+  inside the model's compact `__call__`: logits (B, classes) float32, or (cls, dist) when training
+  a distilled model; their average at inference."""
+  dtype, pdt = jnp.dtype(model.dtype), model.param_dtype
+  logits = dense(model.num_classes, "head", dtype, pdt)(x).astype(jnp.float32)
+  if not model.distillation:
+    return logits
+  dist_logits = dense(model.num_classes, "head_dist", dtype, pdt)(x).astype(jnp.float32)
+  if train:
+    return logits, dist_logits
+  return (logits + dist_logits) / 2
+
+
 class EfficientFormer(nn.Module):
   """EfficientFormer V1 classifier.
 
@@ -275,13 +308,7 @@ class EfficientFormer(nn.Module):
                       "need one entry per stage")
     elif not 1 <= self.num_vit <= self.depths[-1]:
       problems.append(f"num_vit={self.num_vit} is not in [1, depths[-1]={self.depths[-1]}]")
-    for name in ("drop_rate", "head_drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
+    problems += rate_and_dtype_problems(self)
     if problems:
       raise UserError("Invalid EfficientFormer settings: " + "; ".join(problems) + ".")
     check_img_size("EfficientFormer", self.img_size)
@@ -293,9 +320,7 @@ class EfficientFormer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
+    check_input_size(self, x)
     dtype, pdt = jnp.dtype(self.dtype), self.param_dtype
     x = Stem(self.embed_dims[0], dtype, pdt, name="stem")(x.astype(dtype), train)
     rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
@@ -309,13 +334,7 @@ class EfficientFormer(nn.Module):
 
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=pdt, name="norm")(x)
     x = nn.Dropout(self.head_drop_rate, deterministic=not train)(x.mean(axis=1))
-    logits = dense(self.num_classes, "head", dtype, pdt)(x).astype(jnp.float32)
-    if not self.distillation:
-      return logits
-    dist_logits = dense(self.num_classes, "head_dist", dtype, pdt)(x).astype(jnp.float32)
-    if train:
-      return logits, dist_logits
-    return (logits + dist_logits) / 2
+    return distilled_heads(self, x, train)
 
 
 for _name, _fields in VARIANTS.items():

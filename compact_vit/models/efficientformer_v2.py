@@ -31,9 +31,10 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.efficientformer import check_img_size, relative_bias_index
+from compact_vit.models.efficientformer import (check_img_size, check_input_size, distilled_heads,
+                                                rate_and_dtype_problems, relative_bias_index)
 from compact_vit.models.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm,
-                                       conv_general_dilated, conv_init, dense, drop_path_rates,
+                                       conv_general_dilated, conv_init, drop_path_rates,
                                        to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
@@ -318,13 +319,7 @@ class EfficientFormerV2(nn.Module):
           problems.append(f"mlp_ratios[{i}] has {len(ratios)} entries for depths[{i}]={depth}")
       if not 0 <= self.num_vit <= min(self.depths[2:]):
         problems.append(f"num_vit={self.num_vit} is not in [0, min(depths[2:])]")
-    for name in ("drop_rate", "head_drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
+    problems += rate_and_dtype_problems(self)
     if problems:
       raise UserError("Invalid EfficientFormerV2 settings: " + "; ".join(problems) + ".")
     check_img_size("EfficientFormerV2", self.img_size)
@@ -336,9 +331,7 @@ class EfficientFormerV2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
+    check_input_size(self, x)
     dtype, pdt = jnp.dtype(self.dtype), self.param_dtype
     x = Stem(self.embed_dims[0], dtype, pdt, name="stem")(x.astype(dtype), train)
     rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
@@ -353,13 +346,7 @@ class EfficientFormerV2(nn.Module):
 
     x = batch_norm("norm", train, dtype, pdt)(x)
     x = nn.Dropout(self.head_drop_rate, deterministic=not train)(x.mean(axis=(1, 2)))
-    logits = dense(self.num_classes, "head", dtype, pdt)(x).astype(jnp.float32)
-    if not self.distillation:
-      return logits
-    dist_logits = dense(self.num_classes, "head_dist", dtype, pdt)(x).astype(jnp.float32)
-    if train:
-      return logits, dist_logits
-    return (logits + dist_logits) / 2
+    return distilled_heads(self, x, train)
 
 
 for _name, _fields in VARIANTS.items():
