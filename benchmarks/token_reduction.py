@@ -2,6 +2,7 @@
 S/16) beside ViT-B/16 (S/16), in one process, with the same thread settings for every model.
 
   python benchmarks/token_reduction.py [--batches 16,32,64] [--merger-batches 16,32] [--threads N]
+      [--platform cpu|gpu] [--dtype float32|bfloat16]
 
 For each model: parameters, GMACs per image (`compact_vit.profile.count_macs`, jaxpr
 multiply-accumulates of the static-shape inference graph), images/s of `jax.jit(apply(train=False))`
@@ -9,7 +10,8 @@ in float32 on random variables at each batch size, and batch-1 latency. Warm-up 
 included) are untimed; the models of a group are timed in turns, `--repeats` rounds of `--steps`
 calls each, and each keeps its best round, which damps the noise of a shared machine. Ratios are
 against the dense baseline of the same group, measured in the same rounds. Prints a Markdown table
-and writes it to benchmarks/results/token_reduction_cpu.md.
+and writes it to benchmarks/results/token_reduction_cpu.md. `--platform gpu` runs the same on the
+first GPU (`--threads` then only pins the host process); `--dtype` is the compute dtype.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=3, help="rounds per model and batch")
   parser.add_argument("--latency-steps", type=int, default=10, help="timed batch-1 calls per round")
   parser.add_argument("--groups", default=",".join(GROUPS), help="baselines to run")
+  parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "token_reduction_cpu.md"))
   args = parser.parse_args(argv)
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
   sys.path.insert(0, ROOT)
   from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
   from compact_vit import profile  # pylint: disable=import-outside-toplevel
-  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_platforms", {"gpu": "cuda"}.get(args.platform, args.platform))
+  dtype = jax.numpy.dtype(args.dtype)
 
   def timed_rounds(runs: dict, calls: int) -> dict[str, float]:
     """Best seconds per call of each run over `args.repeats` interleaved rounds."""
@@ -65,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         best[name] = min(best[name], (time.perf_counter() - start) / calls)
     return best
 
-  cpu = platform.processor() or platform.machine()
-  lines = [f"# Token reduction, inference on this CPU ({cpu}, {args.threads} threads, float32, "
-           f"jax {jax.__version__})", "",
+  where = (f"this CPU ({platform.processor() or platform.machine()}, {args.threads} threads"
+           if args.platform == "cpu" else f"{jax.devices()[0].device_kind} (")
+  lines = [f"# Token reduction, inference on {where}, {args.dtype}, jax {jax.__version__})", "",
            "| model | params (M) | GMACs | MACs ratio | batch | images/s | speed ratio |"
            " batch-1 latency (ms) |", "|---|---|---|---|---|---|---|---|"]
   for baseline in args.groups.split(","):
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                 else args.merger_batches).split(",")]
     models, variables, stats = {}, {}, {}
     for name in names:
-      models[name] = create_model(name)
+      models[name] = create_model(name, **({} if args.dtype == "float32" else {"dtype": dtype}))
       variables[name] = jax.device_put(profile.random_variables(models[name], (1, 224, 224, 3)))
       stats[name] = (profile.count_params(variables[name]["params"]) / 1e6,
                      profile.count_macs(models[name], variables[name], (1, 224, 224, 3)) / 1e9)
@@ -88,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     rates = {}
     for batch in batches:
       x = jax.device_put(np.random.default_rng(0).standard_normal((batch, 224, 224, 3),
-                                                                  dtype=np.float32))
+                                                                  dtype=np.float32)).astype(dtype)
       secs = timed_rounds({n: runner(n, x) for n in names}, args.steps)
       rates[batch] = {n: batch / s for n, s in secs.items()}
       print(f"batch {batch}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in rates[batch].items()),
             flush=True)
-    x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32))
+    x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32)).astype(dtype)
     latency = timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps)
     print("batch 1 latency: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in latency.items()),
           flush=True)

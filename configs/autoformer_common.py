@@ -67,6 +67,6 @@ def search_config(size: str, method: str, arg: str | None) -> ml_collections.Con
     s.num_candidates = 300 if args.quick else 8000
     s.num_classes = 10 if args.quick else 1000
     s.init_seed = 0
-    s.chunk = 8  # candidates per vmapped call
+    s.chunk = 8  # candidates per jitted call (vmap on accelerators, lax.map on CPU)
   c.search = s
   return c
