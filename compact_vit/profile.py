@@ -5,8 +5,9 @@ matmul, einsum and convolution in the inference graph, read from the jaxpr; elem
 softmax and normalisation are not counted (XLA's flop count would include them).
 
 CLI: `python -m compact_vit.profile --model NAME [--batch B] [--img-size S]` prints one JSON line
-with params, per-image GMACs and images/s (jitted inference on the default device). The CLI and
-`eval.py` apply `set_cpu_defaults()` (XLA CPU flags measured in benchmarks/zoo.py).
+with params, per-image GMACs and images/s (jitted inference on the default device). The CLI,
+`train.py`, `eval.py` and `search.py` apply `set_cpu_defaults()` (XLA CPU flags measured in
+benchmarks/zoo.py; they do nothing on GPU or TPU).
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ from compact_vit.models.layers import to_pair
 
 
 # XLA CPU flags that benchmarks/zoo.py measured to help here (see benchmarks/results/zoo_cpu.md).
-CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true",)
+# An empty YNNPACK fusion list keeps XLA's own dot and convolution kernels: jaxlib 0.10's default
+# hands 1x1 convolutions and some dots to YNNPACK, which ran 1.2x (DeiT-S) to 1.8x
+# (EfficientFormer-L1) slower at batch 32 on a 2-core AVX2 machine.
+CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true", "--xla_cpu_experimental_ynn_fusion_type=")
 
 
 def set_cpu_defaults() -> None:

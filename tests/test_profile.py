@@ -134,3 +134,15 @@ def test_dot_product_attention_matches_naive_softmax():
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   ref = np.einsum("bhqk,bhkd->bhqd", weights / weights.sum(-1, keepdims=True), v)
   assert np.abs(out - ref).max() < 1e-5
+
+
+def test_gelu_matches_exact_erf_gelu_in_float64():
+  """layers.gelu (x/2 (1 + erf(x/sqrt 2)), torch's formula) against float64 math.erf."""
+  import math
+  import numpy as np
+  from compact_vit.models.layers import gelu
+  x = np.linspace(-12, 12, 2001).astype(np.float32)
+  ref = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  out = np.asarray(gelu(jnp.asarray(x)), np.float64)
+  assert np.abs(out - ref).max() < 2e-6
+  assert gelu(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16

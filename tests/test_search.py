@@ -135,3 +135,8 @@ def test_tiny_tf_tas_search_json_and_dss_against_naive_reference(tmp_path):
                                jnp.zeros((1, 8, 8, 3)))["params"]
   for cand in out["candidates"][:1]:
     np.testing.assert_allclose(cand["score"], _naive_dss(model, params, cand["arch"]), rtol=1e-4)
+  # vmap (the default on accelerators) and lax.map (CPU) give the same scores.
+  archs = [c["arch"] for c in out["candidates"][:3]]
+  by_map = tf_tas.make_scorer(model, params, chunk=2, vectorize=False)(archs)
+  by_vmap = tf_tas.make_scorer(model, params, chunk=2, vectorize=True)(archs)
+  np.testing.assert_allclose(by_vmap, by_map, rtol=1e-4)

@@ -41,7 +41,7 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, PatchEmbed, conv_init, dense,
+from compact_vit.models.layers import (DropPath, Dtype, PatchEmbed, conv_init, dense, gelu,
                                        drop_path_rates, linear_init, to_pair)
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, as the authors' LayerNormSuper
@@ -293,8 +293,7 @@ class Block(nn.Module):
                   self.param_dtype, name="attn")(y, rel_index, masks.get("heads"), embed, train)
     x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train)
     y = LayerNorm(self.dtype, self.param_dtype, name="ffn_layer_norm")(x, embed)
-    y = nn.gelu(dense(self.hidden_features, "fc1", self.dtype, self.param_dtype)(y),
-                approximate=False)
+    y = gelu(dense(self.hidden_features, "fc1", self.dtype, self.param_dtype)(y))
     if masks.get("hidden") is not None:
       y = jnp.where(masks["hidden"], y, 0.0)
     y = nn.Dropout(self.drop_rate, deterministic=not train)(y)

@@ -36,7 +36,7 @@ from flax import linen as nn
 from compact_vit import losses, objectives
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import Block, dense, drop_path_rates
+from compact_vit.models.layers import Block, dense, drop_path_rates, gelu, linear_init
 from compact_vit.models.vit import VisionTransformer
 from compact_vit.ops import tokens as tok
 
@@ -61,13 +61,32 @@ class ScorePredictor(nn.Module):
     linear = functools.partial(dense, dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.LayerNorm(epsilon=PREDICTOR_LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="in_conv_0")(x)
-    x = nn.gelu(linear(dim, "in_conv_1")(x), approximate=False)
+    x = gelu(linear(dim, "in_conv_1")(x))
     local, rest = x[..., :dim // 2], x[..., dim // 2:]
     global_mean = tok.masked_mean(rest, policy)
-    x = jnp.concatenate([local, jnp.broadcast_to(global_mean, rest.shape)], axis=-1)
-    x = nn.gelu(linear(dim // 2, "out_conv_0")(x), approximate=False)
-    x = nn.gelu(linear(dim // 4, "out_conv_2")(x), approximate=False)
+    x = gelu(ConcatDense(dim // 2, self.dtype, self.param_dtype, name="out_conv_0")(
+        local, global_mean))
+    x = gelu(linear(dim // 4, "out_conv_2")(x))
     return jax.nn.log_softmax(linear(2, "out_conv_4")(x).astype(jnp.float32), axis=-1)
+
+
+class ConcatDense(nn.Module):
+  """Dense(concat([local, broadcast(shared)], -1)) computed as local @ W[:n] + shared @ W[n:] + b,
+  so the half of the input that is the same for every token costs one product per image.
+  local (B, N, n), shared (B, 1, m) -> (B, N, features); parameters as `dense`'s (kernel (n+m,
+  features), bias)."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, local: jax.Array, shared: jax.Array) -> jax.Array:
+    n = local.shape[-1]
+    kernel = self.param("kernel", linear_init, (n + shared.shape[-1], self.features),
+                        self.param_dtype).astype(self.dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    shared = shared.astype(self.dtype) @ kernel[n:] + bias.astype(self.dtype)
+    return local.astype(self.dtype) @ kernel[:n] + shared
 
 
 def gumbel_keep(rng: jax.Array, log_probs: jax.Array) -> jax.Array:

@@ -33,8 +33,8 @@ from flax import linen as nn
 from compact_vit.errors import UserError
 from compact_vit.models import register
 from compact_vit.models.layers import (Dtype, DropPath, LayerScale, Mlp, batch_norm, conv_init,
-                                       dense, dot_product_attention, drop_path_rates, pool2d,
-                                       to_pair)
+                                       dense, dot_product_attention, drop_path_rates, gelu,
+                                       pool2d, to_pair)
 
 # Variant table: name -> fields of EfficientFormer (widths, depths and MB3D blocks per the paper).
 VARIANTS: dict[str, dict] = {
@@ -116,7 +116,7 @@ class ConvMlp(nn.Module):
     drop = nn.Dropout(self.drop_rate, deterministic=not train)
     dim = x.shape[-1]
     x = norm("norm1")(conv(self.hidden_features, name="fc1")(x))
-    x = drop(nn.gelu(x, approximate=False))
+    x = drop(gelu(x))
     return drop(norm("norm2")(conv(dim, name="fc2")(x)))
 
 

@@ -33,7 +33,7 @@ from compact_vit.errors import UserError
 from compact_vit.models import register
 from compact_vit.models.efficientformer import (check_img_size, check_input_size, distilled_heads,
                                                 rate_and_dtype_problems, relative_bias_index)
-from compact_vit.models.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm,
+from compact_vit.models.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
                                        conv_general_dilated, conv_init, drop_path_rates,
                                        to_pair)
 
@@ -54,11 +54,6 @@ VARIANTS: dict[str, dict] = {
         mlp_ratios=(4, 4, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4),
                     (4, 4, 4, 3, 3, 3, 3, 4, 4, 4))),
 }
-
-
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, torch's nn.GELU default."""
-  return nn.gelu(x, approximate=False)
 
 
 def upsample2x_bilinear(x: jax.Array) -> jax.Array:

@@ -48,7 +48,7 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, conv_general_dilated, dense,
+from compact_vit.models.layers import (DropPath, Dtype, Mlp, conv_general_dilated, dense, gelu,
                                        dot_product_attention, drop_path_rates, to_pair)
 
 # Variant table: name -> fields of SepViT (authors' SepViT_Lite/_Tiny/_Small/_Base). Windows per
@@ -152,7 +152,7 @@ class SeparableAttention(nn.Module):
       win_tokens, maps = out[:, :, 0], out[:, :, 1:]  # (B, nW, C), (B, nW, ws*ws, C)
       win_tokens = nn.LayerNorm(epsilon=TORCH_LN_EPS, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="win_tokens_norm")(win_tokens)
-      win_tokens = nn.gelu(win_tokens, approximate=False)
+      win_tokens = gelu(win_tokens)
       qk = dense(2 * dim, "psa_qk", self.dtype, self.param_dtype, self.qkv_bias)(win_tokens)
       qk = qk.reshape(batch, num_windows, 2, heads, head_dim)
       logits = jnp.einsum("bwhd,bvhd->bhwv", qk[:, :, 0] * scale, qk[:, :, 1])

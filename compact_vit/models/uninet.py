@@ -34,7 +34,7 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, conv_general_dilated,
+from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, conv_general_dilated, gelu,
                                        dense, dot_product_attention, drop_path_rates, pool2d,
                                        to_pair)
 
@@ -97,10 +97,6 @@ class _Layers:
 _torch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def _gelu(x: jax.Array) -> jax.Array:
-  return nn.gelu(x, approximate=False)
-
-
 class SqueezeExcitation(nn.Module):
   """x * hard_sigmoid(fc2(relu(fc1(mean_hw(x))))); fc1/fc2 are 1x1 convs, squeeze = C/4 -> x8."""
   dtype: Dtype = jnp.float32
@@ -138,9 +134,9 @@ class MBConvBlock(nn.Module):
     if hidden != in_features:
       x = layers.batch_norm("pre_norm")(x)
       x = layers.conv(hidden, "expand", bias=False)(x)
-      x = _gelu(layers.batch_norm("expand_norm")(x))
+      x = gelu(layers.batch_norm("expand_norm")(x))
     x = layers.conv(hidden, "dw", kernel=3, groups=hidden, bias=False)(x)
-    x = _gelu(layers.batch_norm("dw_norm")(x))
+    x = gelu(layers.batch_norm("dw_norm")(x))
     x = SqueezeExcitation(self.dtype, self.param_dtype, name="se")(x)
     x = layers.conv(self.features, "project")(x)
     x = layers.batch_norm("project_norm", zero_init=True)(x)
@@ -332,7 +328,7 @@ class UniNet(nn.Module):
     dtype = jnp.dtype(self.dtype)
     layers = _Layers(dtype, self.param_dtype, train)
     x = layers.conv(self.stem_dim, "stem_conv", kernel=3, stride=2, bias=False)(x.astype(dtype))
-    x = _gelu(layers.batch_norm("stem_norm")(x))
+    x = gelu(layers.batch_norm("stem_norm")(x))
     rates = iter(drop_path_rates(self.drop_path_rate, sum(self.repeats)))
     common = dict(dtype=dtype, param_dtype=self.param_dtype)
     for j, (kind, s) in enumerate(self.layout()):
@@ -349,7 +345,7 @@ class UniNet(nn.Module):
         x = AttentionBlock(self.expansion[s], self.head_dim, self.init_values, self.proj_drop_rate,
                            self.attn_drop_rate, next(rates), name=name, **common)(x, train)
     x = layers.conv(self.final_dim, "final_conv", bias=False)(x)
-    x = _gelu(layers.batch_norm("final_norm")(x)).mean(axis=(1, 2))
+    x = gelu(layers.batch_norm("final_norm")(x)).mean(axis=(1, 2))
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     return dense(self.num_classes, "classifier", dtype, self.param_dtype)(x).astype(jnp.float32)
 

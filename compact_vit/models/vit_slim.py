@@ -38,7 +38,7 @@ from compact_vit import objectives
 from compact_vit.errors import UserError
 from compact_vit.models import register
 from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, dense, drop_path_rates,
-                                       layer_norm, linear_init, to_pair)
+                                       gelu, layer_norm, linear_init, to_pair)
 
 # Variant table: DeiT-S dims; the slim default keeps 0.7 of every attention head and MLP.
 DEIT_S = dict(embed_dim=384, depth=12, num_heads=6, patch_size=16)
@@ -212,7 +212,7 @@ class _MaskedMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     zeta = self.param("zeta", nn.initializers.ones, (self.hidden,), self.param_dtype)
-    y = nn.gelu(dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x), approximate=False)
+    y = gelu(dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x))
     return dense(x.shape[-1], "fc2", self.dtype, self.param_dtype)(y * zeta.astype(y.dtype))
 
 
