@@ -2,7 +2,7 @@
 S/16) beside ViT-B/16 (S/16), in one process, with the same thread settings for every model.
 
   python benchmarks/token_reduction.py [--batches 16,32,64] [--merger-batches 16,32] [--threads N]
-      [--platform cpu|gpu] [--dtype float32|bfloat16]
+      [--platform cpu|gpu] [--dtype float32|bfloat16] [--dynamicvit-repo DIR]
 
 For each model: parameters, GMACs per image (`compact_vit.profile.count_macs`, jaxpr
 multiply-accumulates of the static-shape inference graph), images/s of `jax.jit(apply(train=False))`
@@ -12,6 +12,9 @@ calls each, and each keeps its best round, which damps the noise of a shared mac
 against the dense baseline of the same group, measured in the same rounds. Prints a Markdown table
 and writes it to benchmarks/results/token_reduction_cpu.md. `--platform gpu` runs the same on the
 first GPU (`--threads` then only pins the host process); `--dtype` is the compute dtype.
+`--dynamicvit-repo` (a checkout of raoyongming/DynamicViT, not part of this repository) adds the
+authors' PyTorch DynamicViT-S and timm's DeiT-S to the DeiT-S group's rounds (CPU, eval mode,
+`torch.inference_mode`, `--threads` torch threads), so both ratios come from the same run.
 """
 from __future__ import annotations
 
@@ -29,6 +32,29 @@ GROUPS = {  # baseline -> token-reduction models
 }
 
 
+def authors_models(repo: str, threads: int) -> dict:
+  """timm's DeiT-S and the authors' DynamicViT-S/0.7 (their models/dyvit.py), random init, eval.
+
+  Their package imports `torch._six` (gone from torch 2) and `tensorboardX` in utils.py, which
+  dyvit.py only needs for `batch_index_select`: both are stubbed."""
+  import math  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(threads)
+  six = sys.modules.setdefault("torch._six", types.ModuleType("torch._six"))
+  six.inf = math.inf
+  sys.modules.setdefault("tensorboardX", types.ModuleType("tensorboardX")).SummaryWriter = None
+  sys.path[:0] = [repo, os.path.join(repo, "models")]
+  from dyvit import VisionTransformerDiffPruning  # pylint: disable=import-outside-toplevel
+  ratio = 0.7
+  return {"timm deit_small_patch16_224 (PyTorch)":
+              timm.create_model("deit_small_patch16_224").eval(),
+          "authors' DynamicViT-S/0.7 (PyTorch)": VisionTransformerDiffPruning(
+              patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+              pruning_loc=[3, 6, 9], token_ratio=[ratio, ratio ** 2, ratio ** 3]).eval()}
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", default="16,32,64", help="batch sizes for the DeiT-S group")
@@ -42,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--groups", default=",".join(GROUPS), help="baselines to run")
   parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--dynamicvit-repo", help="checkout of raoyongming/DynamicViT")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "token_reduction_cpu.md"))
   args = parser.parse_args(argv)
 
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+  sys.path.insert(0, ROOT)
+  from compact_vit import profile  # pylint: disable=import-outside-toplevel
+  profile.set_cpu_defaults()  # the XLA CPU flags train.py / eval.py ship (before JAX's backend)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  sys.path.insert(0, ROOT)
   from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
-  from compact_vit import profile  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(args.platform, args.platform))
   dtype = jax.numpy.dtype(args.dtype)
 
@@ -73,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
   where = (f"this CPU ({platform.processor() or platform.machine()}, {args.threads} threads"
            if args.platform == "cpu" else f"{jax.devices()[0].device_kind} (")
   lines = [f"# Token reduction, inference on {where}, {args.dtype}, jax {jax.__version__})", "",
+           f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`; best of {args.repeats} rounds of "
+           f"{args.steps} calls.", "",
            "| model | params (M) | GMACs | MACs ratio | batch | images/s | speed ratio |"
            " batch-1 latency (ms) |", "|---|---|---|---|---|---|---|---|"]
   for baseline in args.groups.split(","):
@@ -90,11 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     def runner(name, x):
       return lambda: jax.block_until_ready(applies[name](variables[name], x))
 
+    torch_models = (authors_models(args.dynamicvit_repo, args.threads)
+                    if args.dynamicvit_repo and baseline.startswith("deit") else {})
+
+    def torch_runner(name, x):
+      import torch  # pylint: disable=import-outside-toplevel
+      images = torch.from_numpy(np.array(x, np.float32)).permute(0, 3, 1, 2).contiguous()
+
+      def run():
+        with torch.inference_mode():
+          torch_models[name](images)
+      return run
+
     rates = {}
     for batch in batches:
       x = jax.device_put(np.random.default_rng(0).standard_normal((batch, 224, 224, 3),
                                                                   dtype=np.float32)).astype(dtype)
-      secs = timed_rounds({n: runner(n, x) for n in names}, args.steps)
+      secs = timed_rounds({**{n: runner(n, x) for n in names},
+                           **{n: torch_runner(n, x) for n in torch_models}}, args.steps)
       rates[batch] = {n: batch / s for n, s in secs.items()}
       print(f"batch {batch}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in rates[batch].items()),
             flush=True)
@@ -111,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{rates[batch][name] / rates[batch][baseline]:.2f}x | "
                      + (f"{latency[name] * 1e3:.1f} ({latency[baseline] / latency[name]:.2f}x) |"
                         if i == 0 else "|"))
+    torch_base = next(iter(torch_models), None)
+    for name in torch_models:
+      for i, batch in enumerate(batches):
+        lines.append(f"| {name if i == 0 else ''} | | | | {batch} | {rates[batch][name]:.1f} | "
+                     f"{rates[batch][name] / rates[batch][torch_base]:.2f}x vs timm |  |")
   table = "\n".join(lines) + "\n"
   print(table)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
