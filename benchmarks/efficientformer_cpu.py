@@ -17,6 +17,8 @@ import platform
 import sys
 import time
 
+import _report  # benchmarks/_report.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("efficientformer_l1", "efficientformerv2_s0")
 
@@ -92,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
   ] + [f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |"
        for name, ours, theirs in rows]
   table = "\n".join(lines) + "\n"
-  print(table)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(table)
+  _report.write_markdown(table, args.out)
   return 0
 
 

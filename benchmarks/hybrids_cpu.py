@@ -24,6 +24,8 @@ import sys
 import time
 import types
 
+import _report  # benchmarks/_report.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"sepvit_t": ("SepViT_Tiny", 224), "uninet_b1": ("UniNetB1", 224)}
 
@@ -132,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
        + (f"{theirs:.1f} | {ours / theirs:.2f} |" if theirs else "not run | |")
        for name, size, ours, theirs in rows]
   table = "\n".join(lines) + "\n"
-  print(table)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(table)
+  _report.write_markdown(table, args.out)
   return 0
 
 

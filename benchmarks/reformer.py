@@ -30,6 +30,8 @@ import platform
 import sys
 import time
 
+import _report  # benchmarks/_report.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -177,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"- {near:,} tokens, LSH / dense time: {time_ratio:.2f}x (target < 1, faster): "
                  f"{'met' if time_ratio < 1 else 'NOT met'}.")
   text = "\n".join(lines) + "\n"
-  print(text)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
+  _report.write_markdown(text, args.out)
   return 0
 
 

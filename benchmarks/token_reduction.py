@@ -24,6 +24,8 @@ import platform
 import sys
 import time
 
+import _report  # benchmarks/_report.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = {  # baseline -> token-reduction models
     "deit_small_patch16_224": ("dynamicvit_deit_s", "ats_deit_s"),
@@ -160,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name if i == 0 else ''} | | | | {batch} | {rates[batch][name]:.1f} | "
                      f"{rates[batch][name] / rates[batch][torch_base]:.2f}x vs timm |  |")
   table = "\n".join(lines) + "\n"
-  print(table)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(table)
+  _report.write_markdown(table, args.out)
   return 0
 
 

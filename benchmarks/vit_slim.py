@@ -17,6 +17,8 @@ import platform
 import sys
 import time
 
+import _report  # benchmarks/_report.py (this script's folder is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -65,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
   lines += [f"| {l} | {p:.2f} | {g:.2f} | {r:.1f} | {r / base:.2f}x |" for l, p, g, r in rows]
   lines += ["", "Third-party tables for ViT-Slim DeiT-S at budget 0.7: ~15.7M params, ~3.1 GFLOPs "
             "(MACs). Command: `python benchmarks/vit_slim.py`."]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  _report.write_markdown("\n".join(lines) + "\n", args.out)
   return 0
 
 

@@ -18,6 +18,7 @@ tabulated once; the gradients' are computed by Newton-Schulz iterations (matmuls
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Mapping
 
@@ -108,10 +109,8 @@ def make_scorer(model: autoformer.AutoFormerSupernet, params: Any, chunk: int = 
     vectorize = jax.default_backend() != "cpu"
   abs_params = jax.tree.map(jnp.abs, params)
   norms = jnp.asarray(weight_nuclear_norms(model, abs_params))
-  if vectorize:
-    scored = jax.jit(lambda p, archs, n: jax.vmap(lambda a: dss_score(model, p, a, n))(archs))
-  else:
-    scored = jax.jit(lambda p, archs, n: jax.lax.map(lambda a: dss_score(model, p, a, n), archs))
+  over = jax.vmap if vectorize else lambda f: functools.partial(jax.lax.map, f)
+  scored = jax.jit(lambda p, archs, n: over(lambda a: dss_score(model, p, a, n))(archs))
 
   def score(archs) -> np.ndarray:
     out = []
