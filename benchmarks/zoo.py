@@ -13,12 +13,13 @@ Both sides use `--threads` cores (the process is pinned; torch.set_num_threads).
 two sides are timed alternately, one call each, `--repeats` times after warm-up, and the medians
 are reported, so load from other processes hits both alike. Train step: forward in train mode,
 softmax cross-entropy (averaged over the heads of distilled models), backward and an SGD update,
-ours jitted, timm's eager. Writes a Markdown table (`--out`) and, with `--plot`, published top-1
+ours jitted with the trainer's `profile.train_compiler_options()`, timm's eager. Writes a Markdown table (`--out`) and, with `--plot`, published top-1
 against measured GMACs for the models whose top-1 is known (../shared/REFERENCES.md).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -107,6 +108,7 @@ class Ours:
 
   def train(self, batch):
     import jax  # pylint: disable=import-outside-toplevel
+    from compact_vit import profile  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import optax  # pylint: disable=import-outside-toplevel
     model, variables = self.model, self.variables
@@ -122,7 +124,7 @@ class Ours:
                  for h in heads) / len(heads)
       return loss, updates
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=profile.train_compiler_options())
     def step(params, x, labels, key):
       grads, _ = jax.grad(loss_fn, has_aux=True)(params, x, labels, key)
       return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from compact_vit import checkpointing, losses, models, objectives, optim, sharding
+from compact_vit import checkpointing, losses, models, objectives, optim, profile, sharding
 from compact_vit.errors import UserError
 from compact_vit.writers import MetricWriter, Progress
 
@@ -411,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           num_classes=info.num_classes, aug=config.aug.to_dict(),
           distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay,
           objective=objective_options(config), grad_accum=grad_accum),
-      donate_argnums=(0,), out_shardings=(state_sh, repl))
+      donate_argnums=(0,), out_shardings=(state_sh, repl),
+      compiler_options=profile.train_compiler_options())
   eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
 
   def eval_batches():

@@ -82,6 +82,38 @@ def test_set_cpu_defaults_keeps_the_users_flags(monkeypatch):
   assert os.environ["XLA_FLAGS"].split() == list(profile.CPU_XLA_FLAGS)
 
 
+def test_train_compiler_options_yield_to_the_users_flags(monkeypatch):
+  from compact_vit import profile
+  (option, _), = profile.CPU_TRAIN_COMPILER_OPTIONS.items()
+  monkeypatch.setenv("XLA_FLAGS", " ".join(profile.CPU_XLA_FLAGS))  # the shipped defaults
+  assert profile.train_compiler_options() == profile.CPU_TRAIN_COMPILER_OPTIONS
+  monkeypatch.setenv("XLA_FLAGS", f"--{option}=individual_dot")  # the user's own choice
+  assert profile.train_compiler_options() == {}
+
+
+def test_train_compiler_options_give_the_same_gradients_through_ynnpack_reductions():
+  """The train-step options route the channel-wise reductions of a conv/BatchNorm/bias gradient to
+  YNNPACK; gradients must agree with XLA's own reductions (float32 summation order only)."""
+  from compact_vit import profile
+  from compact_vit.models.layers import ConvNormAct, gelu
+  model = ConvNormAct(64, kernel_size=3, groups=64, use_bias=False, act=gelu)  # (a conv bias before
+  # BatchNorm has an exactly-zero gradient, which both sides compute only as rounding noise)
+  x = jax.random.normal(jax.random.key(0), (4, 14, 14, 64))
+  variables = model.init(jax.random.key(1), x, train=True)
+
+  def loss(params, x):
+    y, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y) * y)
+
+  grad = jax.grad(loss, argnums=(0, 1))
+  options = profile.train_compiler_options()
+  fast = jax.jit(grad, compiler_options=options)
+  assert "ynn" in fast.lower(variables["params"], x).compile(options).as_text()
+  for a, b in zip(jax.tree.leaves(fast(variables["params"], x)),
+                  jax.tree.leaves(jax.jit(grad)(variables["params"], x))):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, "SAME"),
                                                    (5, 2, ((2, 2), (2, 2)))])
 def test_fast_depthwise_conv_matches_lax_and_counts_the_same_macs(kernel, stride, padding):
