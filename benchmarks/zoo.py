@@ -257,12 +257,15 @@ def main(argv=None) -> int:
 
 def write_table(rows, args, jax, torch, timm):
   """Writes the Markdown table of `rows` to `args.out` (and prints it)."""
+  from compact_vit import profile  # pylint: disable=import-outside-toplevel
   versions = f"jax {jax.__version__}" + (
       f", torch {torch.__version__}, timm {timm.__version__}" if torch else "")
   lines = [
       f"Images/s on this CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
       f"CPUs, {args.threads} threads for both sides), float32, inference batch {args.batch}, "
-      + ("no train step" if args.skip_train else f"train-step batch {args.train_batch}")
+      + ("no train step" if args.skip_train else
+         f"train-step batch {args.train_batch} (compiler_options "
+         f"`{profile.train_compiler_options()}`)")
       + f"; {versions}; XLA_FLAGS="
       f"`{os.environ.get('XLA_FLAGS', '')}`. Median of {args.repeats} alternating calls "
       f"(train: {max(args.repeats // 2, 1)}) after 2 warm-up calls. Reference: timm's model of "
