@@ -13,8 +13,9 @@ Both sides use `--threads` cores (the process is pinned; torch.set_num_threads).
 two sides are timed alternately, one call each, `--repeats` times after warm-up, and the medians
 are reported, so load from other processes hits both alike. Train step: forward in train mode,
 softmax cross-entropy (averaged over the heads of distilled models), backward and an SGD update,
-ours jitted with the trainer's `profile.train_compiler_options()`, timm's eager. Writes a Markdown table (`--out`) and, with `--plot`, published top-1
-against measured GMACs for the models whose top-1 is known (../shared/REFERENCES.md).
+ours jitted with the trainer's `profile.train_compiler_options()`, timm's eager. Writes a Markdown
+table (`--out`) and, with `--plot`, published top-1 against measured GMACs for the models whose
+top-1 is known (../shared/REFERENCES.md).
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ softmax and normalisation are not counted (XLA's flop count would include them).
 CLI: `python -m compact_vit.profile --model NAME [--batch B] [--img-size S]` prints one JSON line
 with params, per-image GMACs and images/s (jitted inference on the default device). The CLI,
 `train.py`, `eval.py` and `search.py` apply `set_cpu_defaults()` (XLA CPU flags measured in
-benchmarks/zoo.py; they do nothing on GPU or TPU); the trainer's train step and TF-TAS scoring also
-compile with `train_compiler_options()`.
+benchmarks/zoo.py; they do nothing on GPU or TPU); the trainer's train step also compiles with
+`train_compiler_options()`.
 """
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ from compact_vit.models.layers import to_pair
 # (EfficientFormer-L1) slower at batch 32 on a 2-core AVX2 machine.
 CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true", "--xla_cpu_experimental_ynn_fusion_type=")
 
-# Per-`jax.jit` compiler options for code that takes gradients (the trainer's train step, TF-TAS
-# scoring) on CPU: YNNPACK's reductions. XLA:CPU's own reduction over leading axes that keeps the
-# minor (channel) axis, which is what every bias, BatchNorm and LayerNorm gradient is, ran 10-18x
-# slower than YNNPACK's on a 2-core AVX2 machine ((4, 14, 14, 1024) -> (1024,): 1.6 vs 0.1 ms), and
-# the train step 1.05x (DeiT-S) to 3.7x (EfficientFormerV2-S0) faster with it. Inference keeps
-# XLA's reductions: YNNPACK's stop LayerNorm and softmax fusing (DeiT-S 15.2 -> 13.5 images/s).
+# Per-`jax.jit` compiler options for code that takes gradients (the trainer's train step) on CPU:
+# YNNPACK's reductions. XLA:CPU's own reduction over leading axes that keeps the minor (channel)
+# axis, which is what every bias, BatchNorm and LayerNorm gradient is, ran 10-18x slower than
+# YNNPACK's on a 2-core AVX2 machine ((4, 14, 14, 1024) -> (1024,): 1.6 vs 0.1 ms), and the train
+# step 1.05x (DeiT-S) to 3.7x (EfficientFormerV2-S0) faster with it. Inference keeps XLA's
+# reductions: YNNPACK's stop LayerNorm and softmax fusing (DeiT-S 15.2 -> 13.5 images/s).
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from compact_vit import profile, search, trainer
+from compact_vit import search, trainer
 from compact_vit.errors import UserError
 from compact_vit.models import autoformer
 from compact_vit.models.layers import to_pair
@@ -110,8 +110,7 @@ def make_scorer(model: autoformer.AutoFormerSupernet, params: Any, chunk: int = 
   abs_params = jax.tree.map(jnp.abs, params)
   norms = jnp.asarray(weight_nuclear_norms(model, abs_params))
   over = jax.vmap if vectorize else lambda f: functools.partial(jax.lax.map, f)
-  scored = jax.jit(lambda p, archs, n: over(lambda a: dss_score(model, p, a, n))(archs),
-                   compiler_options=profile.train_compiler_options())
+  scored = jax.jit(lambda p, archs, n: over(lambda a: dss_score(model, p, a, n))(archs))
 
   def score(archs) -> np.ndarray:
     out = []
