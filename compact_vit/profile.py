@@ -46,14 +46,19 @@ CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true", "--xla_cpu_experimental_ynn_fusio
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def _flag_name(flag: str) -> str:
+  """'--xla_foo=bar' -> 'xla_foo' (the name compiler_options use too)."""
+  return flag.split("=")[0].lstrip("-")
+
+
 def set_cpu_defaults() -> None:
   """Adds each of `CPU_XLA_FLAGS` to XLA_FLAGS unless the user's XLA_FLAGS already sets that flag.
 
   XLA reads XLA_FLAGS when JAX's backend starts (the first computation), so call this before.
   """
   current = os.environ.get("XLA_FLAGS", "")
-  given = {f.split("=")[0] for f in current.split()}
-  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in given]
+  given = {_flag_name(f) for f in current.split()}
+  extra = [f for f in CPU_XLA_FLAGS if _flag_name(f) not in given]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
 
@@ -64,7 +69,7 @@ def train_compiler_options() -> dict[str, str]:
   user's choice wins); {} on GPU and TPU."""
   if jax.default_backend() != "cpu":
     return {}
-  given = {f.split("=")[0].lstrip("-") for f in os.environ.get("XLA_FLAGS", "").split()
+  given = {_flag_name(f) for f in os.environ.get("XLA_FLAGS", "").split()
            if f not in CPU_XLA_FLAGS}
   return {k: v for k, v in CPU_TRAIN_COMPILER_OPTIONS.items() if k not in given}
 
