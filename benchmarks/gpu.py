@@ -2,10 +2,11 @@
 SepViT) under `torch.compile`, in one process; and DSS scoring speed (TF-TAS) on the same GPU.
 
   python benchmarks/gpu.py [--sections train,dss] [--models deit_small_patch16_224,...]
-      [--batch 256] [--steps 20] [--sepvit-repo DIR] [--out FILE.md]
+      [--batch 256] [--steps 20] [--attention xla,cudnn] [--sepvit-repo DIR] [--out FILE.md]
 
 train: each model's ImageNet config (configs/<name>.py) with `dtype=bfloat16` (float32 parameters
-and optimizer state) and distillation off, through the trainer's jitted, donated `train_step`:
+and optimizer state) and distillation off, through the trainer's jitted, donated `train_step`
+(DeiT-S once per `--attention` implementation: XLA's and cuDNN's fused flash attention):
 Mixup/CutMix, drop path, AdamW, the lot, on random 224x224 images. timm: the same architecture
 with the config's drop-path rate, bf16 autocast, `torch.compile(model)`, fused AdamW, soft-target
 cross-entropy (no Mixup). Both: `--steps` timed steps after 3 warm-up steps (compilation). MFU =
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {"deit_small_patch16_224": "deit_s", "efficientformer_l1": "efficientformer_l1",
            "sepvit_t": "sepvit_t"}
+VIT_MODELS = ("deit_small_patch16_224",)  # VisionTransformer: also run with --attention
 # Dense bf16 peak (FLOP/s) by `device_kind` prefix: H100/H200 SXM 989 TFLOP/s, A100 312.
 PEAK_BF16 = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
@@ -43,14 +45,17 @@ def peak_flops(kind: str) -> float | None:
   return None
 
 
-def ours_train(name: str, batch: int, steps: int):
-  """(images/s, forward MACs per image) of the trainer's train_step in bf16."""
+def ours_train(name: str, batch: int, steps: int, attention: str = "xla"):
+  """(images/s, forward MACs per image) of the trainer's train_step in bf16; `attention` is the
+  ViT's attention implementation (`layers.Attention`)."""
   import importlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from compact_vit import optim, profile, trainer  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{CONFIGS[name]}").get_config()
   config.dtype, config.distill.type, config.batch_size = "bfloat16", "none", batch
+  if attention != "xla":
+    config.model.attention = attention
   try:
     model = trainer.create_model(config, 1000)
     tx, schedule = optim.create_optimizer(config.optim, batch_size=batch, steps_per_epoch=1000,
@@ -77,6 +82,8 @@ def ours_train(name: str, batch: int, steps: int):
     if not np.isfinite(loss):
       raise FloatingPointError(f"{name}: loss {loss}")
     f32 = trainer.create_model(dict_copy(config, dtype="float32"), 1000)
+    if attention != "xla":  # count the MACs of the same attention in XLA's float32 form
+      f32 = f32.clone(attention="xla")
     shape = (1, config.img_size, config.img_size, 3)
     macs = profile.count_macs(f32, profile.random_variables(f32, shape), shape)
     return rate, macs, config.model.get("drop_path_rate", 0.0)
@@ -143,11 +150,14 @@ def train_section(args, out):
   for name in args.models.split(","):
     rates = {}
     macs = drop_path = None
-    try:
-      rates["ours"], macs, drop_path = ours_train(name, args.batch, args.steps)
-    except Exception as e:  # pylint: disable=broad-except
-      traceback.print_exc()
-      out(f"| {name} | ours | error: {type(e).__name__}: {str(e).splitlines()[0][:150]} | | |")
+    for attention in (args.attention.split(",") if name in VIT_MODELS else ["xla"]):
+      label = "ours" if attention == "xla" else f"ours, attention={attention}"
+      try:
+        rates[label], macs, drop_path = ours_train(name, args.batch, args.steps, attention)
+      except Exception as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        out(f"| {name} | {label} | error: {type(e).__name__}: {str(e).splitlines()[0][:150]} "
+            "| | |")
     ref = None
     if macs is not None:
       try:
@@ -211,6 +221,8 @@ def main(argv=None) -> int:
   parser.add_argument("--models", default=",".join(CONFIGS))
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--attention", default="xla,cudnn",
+                      help="attention implementations to train DeiT-S with (layers.Attention)")
   parser.add_argument("--sepvit-repo", help="checkout of liwei109/SepViT (authors' SepViT)")
   parser.add_argument("--dss-candidates", type=int, default=64)
   parser.add_argument("--dss-chunk", type=int, default=16)

@@ -17,6 +17,7 @@ from configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, quick=False)
   c = common.deit_recipe("deit_small_patch16_224", drop_path_rate=0.1)
+  c.model.attention = "xla"  # "cudnn": cuDNN flash attention (NVIDIA GPU, config.dtype=bfloat16)
   if args.quick:
     common.make_quick_deit(c)
   return c

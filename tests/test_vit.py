@@ -147,6 +147,67 @@ def test_masked_attention_equals_attention_over_kept_tokens():
                              attn.apply({"params": params}, x), rtol=1e-6, atol=1e-6)
 
 
+def _fake_cudnn(monkeypatch):
+  """Pretend to be on a GPU and run jax.nn.dot_product_attention's XLA kernel where our
+  `Attention` asks for cuDNN's (which needs an NVIDIA GPU); returns the list of calls."""
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def fake(q, k, v, *args, implementation=None, **kwargs):
+    calls.append((q.shape, q.dtype, implementation))
+    return original(q, k, v, *args, implementation="xla", **kwargs)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  return calls
+
+
+def test_cudnn_attention_matches_the_naive_reference(monkeypatch):
+  calls = _fake_cudnn(monkeypatch)
+  attn = Attention(num_heads=4, dtype=jnp.bfloat16, implementation="cudnn")
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 9, 32)))
+  shapes = jax.eval_shape(attn.init, jax.random.key(1), x)["params"]
+  params = jax.tree.map(
+      lambda s: 0.3 * np.random.default_rng(0).standard_normal(s.shape, np.float32), shapes)
+  calls.clear()
+  out = np.asarray(attn.apply({"params": params}, x), np.float32)
+  assert calls == [((2, 9, 4, 8), jnp.bfloat16, "cudnn")]  # (B, N, heads, head_dim) layout
+  for b in range(2):  # bfloat16 compute against a float32 reference: 2% of the output scale
+    ref = _naive_attention(params, x[b], 4)
+    np.testing.assert_allclose(out[b], ref, atol=0.02 * np.abs(ref).max())
+  # A whole DeiT with attention='cudnn' takes the same parameters and gives the same logits
+  # (up to bfloat16 rounding) as the default, and trains (finite gradients).
+  model = create_model("deit_tiny_patch16_224", **dict(SMALL, embed_dim=64), dtype=jnp.bfloat16)
+  fused = model.clone(attention="cudnn")
+  variables, images = init(model)
+  np.testing.assert_allclose(fused.apply(variables, images), model.apply(variables, images),
+                             atol=0.05)
+  grads = jax.grad(lambda p: fused.apply({"params": p}, images, train=True).sum())(
+      variables["params"])
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_cudnn_attention_errors_say_what_to_do(monkeypatch):
+  x = np.zeros((1, 4, 32), np.float32)
+  attn = Attention(num_heads=4, dtype=jnp.bfloat16, implementation="cudnn")
+  with pytest.raises(UserError, match=r"only on NVIDIA GPUs and this backend is cpu.*'xla'"):
+    attn.init(jax.random.key(0), x)
+  _fake_cudnn(monkeypatch)
+  with pytest.raises(UserError, match=r"bfloat16 or float16 compute, not float32"):
+    Attention(num_heads=4, implementation="cudnn").init(jax.random.key(0), x)
+  with pytest.raises(UserError, match="no key mask"):
+    attn.init(jax.random.key(0), x, np.ones((1, 4), bool))
+  dropping = Attention(num_heads=4, dtype=jnp.bfloat16, implementation="cudnn",
+                       attn_drop_rate=0.1)
+  dropping.init(jax.random.key(0), x)  # attention dropout is off at inference
+  with pytest.raises(UserError, match="no attention dropout"):
+    dropping.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=True)
+  with pytest.raises(UserError, match="attention='flash' is not one of"):
+    create_model("deit_small_patch16_224", attention="flash")
+  with pytest.raises(UserError, match="DynamicViT supports only.*attention='cudnn'"):
+    create_model("dynamicvit_deit_s", attention="cudnn")
+  create_model("patchmerger_vit_s16", attention="cudnn")  # plain blocks: allowed
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model32 = create_model("deit_tiny_patch16_224", **SMALL)
   model16 = create_model("deit_tiny_patch16_224", dtype=jnp.bfloat16, **SMALL)

@@ -144,6 +144,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return (out.astype(jnp.float32) / denominator).astype(v.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def check_cudnn_attention(dtype, mask, attn_drop_rate: float) -> None:
+  """Why `Attention(implementation='cudnn')` cannot run here, as a UserError (at trace time)."""
+  problems = []
+  if jax.default_backend() != "gpu":
+    problems.append(f"it runs only on NVIDIA GPUs and this backend is {jax.default_backend()}")
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    problems.append(f"it needs bfloat16 or float16 compute, not {jnp.dtype(dtype)} "
+                    "(config.dtype='bfloat16')")
+  if mask is not None:
+    problems.append("it takes no key mask")
+  if attn_drop_rate:
+    problems.append(f"it has no attention dropout (attn_drop_rate={attn_drop_rate})")
+  if problems:
+    raise UserError("attention='cudnn' cannot be used: " + "; ".join(problems)
+                    + ". Use attention='xla'.")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; the fused `qkv` output is laid out as timm's (3, heads, head_dim).
 
@@ -152,6 +172,10 @@ class Attention(nn.Module):
   query may always attend to itself, so no softmax row is ever fully masked: for a kept query the
   result equals attention over the kept tokens only; the output at a masked query is attention
   over the kept tokens plus itself and is meant to be ignored. Logits and softmax are float32.
+
+  `implementation`: 'xla' (`dot_product_attention`, any backend and dtype) or 'cudnn'
+  (`jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused flash attention on an
+  NVIDIA GPU, bfloat16/float16 compute only, no mask, no attention dropout; the same parameters).
   """
   num_heads: int
   qkv_bias: bool = True
@@ -159,21 +183,31 @@ class Attention(nn.Module):
   proj_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                train: bool = False) -> jax.Array:
+    if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise UserError(f"Attention implementation={self.implementation!r} is not one of "
+                      f"{ATTENTION_IMPLEMENTATIONS}.")
     batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
     qkv = dense(3 * dim, "qkv", self.dtype, self.param_dtype, use_bias=self.qkv_bias)(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    valid = None
-    if mask is not None:
-      valid = mask.astype(bool)[:, None, None, :] | jnp.eye(tokens, dtype=bool)  # (B, 1, N, N)
-    dropout = nn.Dropout(self.attn_drop_rate, deterministic=not train)
-    x = dot_product_attention(qkv[0], qkv[1], qkv[2], valid=valid, dropout=dropout)
-    x = x.transpose(0, 2, 1, 3).reshape(batch, tokens, dim)
-    x = dense(dim, "proj", self.dtype, self.param_dtype)(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    if self.implementation == "cudnn":
+      check_cudnn_attention(qkv.dtype, mask, self.attn_drop_rate if train else 0.0)
+      x = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       implementation="cudnn")  # (B, N, heads, head_dim)
+    else:
+      valid = None
+      if mask is not None:
+        valid = mask.astype(bool)[:, None, None, :] | jnp.eye(tokens, dtype=bool)  # (B, 1, N, N)
+      dropout = nn.Dropout(self.attn_drop_rate, deterministic=not train)
+      qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
+      x = dot_product_attention(qkv[0], qkv[1], qkv[2], valid=valid, dropout=dropout)
+      x = x.transpose(0, 2, 1, 3)
+    x = dense(dim, "proj", self.dtype, self.param_dtype)(x.reshape(batch, tokens, dim))
     return nn.Dropout(self.proj_drop_rate, deterministic=not train)(x)
 
 
@@ -181,6 +215,7 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(Mlp(LN(x)))).
 
   x: (B, N, C) -> (B, N, C); `mask` is passed to `Attention`. LayerScale only if `init_values`.
+  `attention` is `Attention`'s `implementation`.
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -191,6 +226,7 @@ class Block(nn.Module):
   proj_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
@@ -199,7 +235,8 @@ class Block(nn.Module):
     y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
     y = Attention(num_heads=self.num_heads, qkv_bias=self.qkv_bias,
                   attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(y, mask, train)
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  implementation=self.attention, name="attn")(y, mask, train)
     if self.init_values:
       y = LayerScale(self.init_values, param_dtype=self.param_dtype, name="ls1")(y)
     x = x + DropPath(self.drop_path_rate, name="drop_path1")(y, train)

@@ -59,7 +59,7 @@ class PatchMergerViT(VisionTransformer):
   merge_after: int = 6
 
   def __post_init__(self):
-    tok.check_plain_vit(self, "PatchMerger")
+    tok.check_plain_vit(self, "PatchMerger", cudnn_attention=True)
     if not 0 < self.merge_after < self.depth:
       raise UserError(f"merge_after={self.merge_after} must be in [1, {self.depth - 1}] "
                       f"(a block index boundary of the depth-{self.depth} model).")
@@ -79,7 +79,7 @@ class PatchMergerViT(VisionTransformer):
       x = Block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                 drop_path_rate=rate, attn_drop_rate=self.attn_drop_rate,
                 proj_drop_rate=self.proj_drop_rate, dtype=dtype, param_dtype=self.param_dtype,
-                name=f"blocks_{i}")(x, train=train)
+                attention=self.attention, name=f"blocks_{i}")(x, train=train)
     return tok.classify(self, tok.final_norm(self, x), train)
 
 

@@ -22,8 +22,8 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (Block, Dtype, PatchEmbed, dense, drop_path_rates,
-                                       layer_norm, linear_init, to_pair)
+from compact_vit.models.layers import (ATTENTION_IMPLEMENTATIONS, Block, Dtype, PatchEmbed, dense,
+                                       drop_path_rates, layer_norm, linear_init, to_pair)
 
 # Variant table: name -> fields of VisionTransformer. DeiT and the original ViT share the
 # architecture at these sizes; only their released weights differ.
@@ -56,6 +56,8 @@ class VisionTransformer(nn.Module):
   timm. `drop_rate` is the dropout before the head(s); drop path rises linearly from 0 at the first
   block to `drop_path_rate` at the last. `init_values` enables LayerScale (DeiT III). `remat`
   recomputes each block in the backward pass (`nn.remat`; same parameters, less activation memory).
+  `attention='cudnn'` runs the blocks' attention as cuDNN's fused flash attention (NVIDIA GPU,
+  bfloat16/float16 compute, attn_drop_rate 0; `layers.Attention`); the default 'xla' runs anywhere.
   """
   num_classes: int = 1000
   img_size: int | tuple[int, int] = 224
@@ -77,6 +79,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "xla"
 
   def __post_init__(self):
     problems = []
@@ -100,6 +103,8 @@ class VisionTransformer(nn.Module):
       jnp.dtype(self.dtype)
     except TypeError:
       problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     if problems:
       raise UserError("Invalid VisionTransformer settings: " + "; ".join(problems) + ".")
     super().__post_init__()
@@ -140,7 +145,8 @@ class VisionTransformer(nn.Module):
       x = block(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                 init_values=self.init_values, drop_path_rate=rate,
                 attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
-                dtype=dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x, None, train)
+                dtype=dtype, param_dtype=self.param_dtype, attention=self.attention,
+                name=f"blocks_{i}")(x, None, train)
 
     head = functools.partial(dense, self.num_classes, dtype=dtype, param_dtype=self.param_dtype)
     head_drop = nn.Dropout(self.drop_rate, deterministic=not train)

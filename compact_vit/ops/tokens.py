@@ -158,9 +158,12 @@ class PolicyAttention(nn.Module):
 
 # ----------------------------------------------------------------------------- ViT scaffolding
 
-def check_plain_vit(model, family: str) -> None:
-  """Token-reduction families build on the plain class-token ViT: reject the other options."""
+def check_plain_vit(model, family: str, cudnn_attention: bool = False) -> None:
+  """Token-reduction families build on the plain class-token ViT: reject the other options
+  (and attention='cudnn' unless `cudnn_attention`: masked or sampled attention needs 'xla')."""
   problems = []
+  if model.attention != "xla" and not cudnn_attention:
+    problems.append(f"attention={model.attention!r}")
   if model.distilled:
     problems.append("distilled=True")
   if model.global_pool != "token" or not model.class_token:
@@ -169,7 +172,8 @@ def check_plain_vit(model, family: str) -> None:
     problems.append(f"init_values={model.init_values}")
   if problems:
     raise UserError(f"{family} supports only the class-token ViT without LayerScale or a "
-                    f"distillation token; drop {', '.join(problems)}.")
+                    f"distillation token" + ("" if cudnn_attention else ", with attention='xla'")
+                    + f"; drop {', '.join(problems)}.")
 
 
 def embed(model, x: jax.Array, train: bool) -> jax.Array:
