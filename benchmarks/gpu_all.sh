@@ -8,9 +8,14 @@
 #    torch.compile (benchmarks/gpu.py; appends to benchmarks/results/gpu.md);
 # 2. token reduction inference, bf16, batch 64 and 256 (benchmarks/results/token_reduction_gpu.md);
 # 3. SepViT-T train step beside the authors' module (SEPVIT_REPO: a liwei109/SepViT checkout).
-# Needs jax with CUDA, flax, optax, ml_collections, torch and timm; not TensorFlow.
+# Needs jax with CUDA, flax, optax, ml_collections, torch and timm; not TensorFlow. On a GPU machine
+# without a package index, install ml_collections elsewhere with
+# `pip install --no-deps --target .devdeps ml_collections` and copy .devdeps/ along: it is put on
+# PYTHONPATH here.
 set -u
 sepvit=${1:-}
+export PYTHONPATH=".devdeps${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import ml_collections" || { echo "ml_collections is missing (see above)"; exit 1; }
 step() {
   local limit=$1
   shift
