@@ -207,6 +207,12 @@ def test_cudnn_attention_errors_say_what_to_do(monkeypatch):
     create_model("dynamicvit_deit_s", attention="cudnn")
   create_model("patchmerger_vit_s16", attention="cudnn")  # plain blocks: allowed
 
+  def refuse(*args, **kwargs):
+    raise NotImplementedError("Unsupported sequence length Q 4, KV 4.")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+  with pytest.raises(UserError, match=r"refused these inputs \(Unsupported sequence.*'xla'"):
+    attn.init(jax.random.key(0), x)
+
 
 def test_bfloat16_compute_keeps_float32_params():
   model32 = create_model("deit_tiny_patch16_224", **SMALL)

@@ -197,8 +197,12 @@ class Attention(nn.Module):
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     if self.implementation == "cudnn":
       check_cudnn_attention(qkv.dtype, mask, self.attn_drop_rate if train else 0.0)
-      x = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                       implementation="cudnn")  # (B, N, heads, head_dim)
+      try:
+        x = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         implementation="cudnn")  # (B, N, heads, head_dim)
+      except NotImplementedError as e:  # JAX's own checks of shapes, GPU and cuDNN version
+        raise UserError(f"cuDNN flash attention refused these inputs ({e}); use "
+                        "attention='xla'.") from e
     else:
       valid = None
       if mask is not None:
