@@ -8,8 +8,10 @@ For each model: parameters, GMACs per image (`compact_vit.profile.count_macs`, j
 multiply-accumulates of the static-shape inference graph), images/s of `jax.jit(apply(train=False))`
 in float32 on random variables at each batch size, and batch-1 latency. Warm-up calls (compilation
 included) are untimed; the models of a group are timed in turns, `--repeats` rounds of `--steps`
-calls each, and each keeps its best round, which damps the noise of a shared machine. Ratios are
-against the dense baseline of the same group, measured in the same rounds. Prints a Markdown table
+calls each, the order reversed every other round. images/s is a model's best round; a speed ratio
+is the median, over rounds, of the dense baseline's time over the model's time in the same round,
+with its range: on a shared machine whose speed drifts by several percent within minutes, this
+pairing is much steadier than a ratio of the two best rounds. Prints a Markdown table
 and writes it to benchmarks/results/token_reduction_cpu.md. `--platform gpu` runs the same on the
 first GPU (`--threads` then only pins the host process); `--dtype` is the compute dtype.
 `--dynamicvit-repo` (a checkout of raoyongming/DynamicViT, not part of this repository) adds the
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="CPU cores: the process is pinned to that many (XLA sizes its thread "
                            "pool from the affinity)")
   parser.add_argument("--steps", type=int, default=2, help="timed calls per round")
-  parser.add_argument("--repeats", type=int, default=3, help="rounds per model and batch")
+  parser.add_argument("--repeats", type=int, default=5, help="rounds per model and batch")
   parser.add_argument("--latency-steps", type=int, default=10, help="timed batch-1 calls per round")
   parser.add_argument("--groups", default=",".join(GROUPS), help="baselines to run")
   parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
@@ -86,25 +88,39 @@ def main(argv: list[str] | None = None) -> int:
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(args.platform, args.platform))
   dtype = jax.numpy.dtype(args.dtype)
 
-  def timed_rounds(runs: dict, calls: int) -> dict[str, float]:
-    """Best seconds per call of each run over `args.repeats` interleaved rounds."""
+  def timed_rounds(runs: dict, calls: int) -> dict[str, list[float]]:
+    """Seconds per call of each run in each of `args.repeats` interleaved rounds (the order is
+    reversed every other round, so a slow drift of the machine hits every run alike)."""
     for run in runs.values():
       run()
       run()
-    best = {name: float("inf") for name in runs}
-    for _ in range(args.repeats):
-      for name, run in runs.items():
+    secs = {name: [] for name in runs}
+    for r in range(args.repeats):
+      for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
         start = time.perf_counter()
         for _ in range(calls):
-          run()
-        best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return best
+          runs[name]()
+        secs[name].append((time.perf_counter() - start) / calls)
+    return secs
+
+  def round_ratio(secs: dict[str, list[float]], base: str, name: str) -> float:
+    """Median over rounds of base's time / name's time in the same round."""
+    return float(np.median(np.array(secs[base]) / np.array(secs[name])))
+
+  def ratio_cell(secs: dict[str, list[float]], base: str, name: str) -> str:
+    """'median (min-max)' of the same-round speed ratios, e.g. '1.55x (1.52-1.57)'."""
+    ratios = np.array(secs[base]) / np.array(secs[name])
+    if name == base:
+      return "1.00x"
+    return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
 
   where = (f"this CPU ({platform.processor() or platform.machine()}, {args.threads} threads"
            if args.platform == "cpu" else f"{jax.devices()[0].device_kind} (")
   lines = [f"# Token reduction, inference on {where}, {args.dtype}, jax {jax.__version__})", "",
-           f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`; best of {args.repeats} rounds of "
-           f"{args.steps} calls.", "",
+           f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`; {args.repeats} interleaved rounds of "
+           f"{args.steps} calls (order reversed every other round); images/s of the best round; "
+           "speed ratio: median (min-max) over rounds of the baseline's time / the model's time "
+           "in the same round.", "",
            "| model | params (M) | GMACs | MACs ratio | batch | images/s | speed ratio |"
            " batch-1 latency (ms) |", "|---|---|---|---|---|---|---|---|"]
   for baseline in args.groups.split(","):
@@ -134,17 +150,18 @@ def main(argv: list[str] | None = None) -> int:
           torch_models[name](images)
       return run
 
-    rates = {}
+    rates, timings = {}, {}
     for batch in batches:
       x = jax.device_put(np.random.default_rng(0).standard_normal((batch, 224, 224, 3),
                                                                   dtype=np.float32)).astype(dtype)
-      secs = timed_rounds({**{n: runner(n, x) for n in names},
-                           **{n: torch_runner(n, x) for n in torch_models}}, args.steps)
-      rates[batch] = {n: batch / s for n, s in secs.items()}
+      timings[batch] = timed_rounds({**{n: runner(n, x) for n in names},
+                                     **{n: torch_runner(n, x) for n in torch_models}}, args.steps)
+      rates[batch] = {n: batch / min(s) for n, s in timings[batch].items()}
       print(f"batch {batch}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in rates[batch].items()),
             flush=True)
     x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32)).astype(dtype)
-    latency = timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps)
+    latency_secs = timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps)
+    latency = {n: min(s) for n, s in latency_secs.items()}
     print("batch 1 latency: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in latency.items()),
           flush=True)
     for name in names:
@@ -153,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         lead = (f"| {name} | {params:.2f} | {gmacs:.2f} | {gmacs / stats[baseline][1]:.3f}"
                 if i == 0 else "| | | |")
         lines.append(f"{lead} | {batch} | {rates[batch][name]:.1f} | "
-                     f"{rates[batch][name] / rates[batch][baseline]:.2f}x | "
-                     + (f"{latency[name] * 1e3:.1f} ({latency[baseline] / latency[name]:.2f}x) |"
-                        if i == 0 else "|"))
+                     f"{ratio_cell(timings[batch], baseline, name)} | "
+                     + (f"{latency[name] * 1e3:.1f} "
+                        f"({round_ratio(latency_secs, baseline, name):.2f}x) |" if i == 0 else "|"))
     torch_base = next(iter(torch_models), None)
     for name in torch_models:
       for i, batch in enumerate(batches):
         lines.append(f"| {name if i == 0 else ''} | | | | {batch} | {rates[batch][name]:.1f} | "
-                     f"{rates[batch][name] / rates[batch][torch_base]:.2f}x vs timm |  |")
+                     f"{ratio_cell(timings[batch], torch_base, name)} vs timm |  |")
   table = "\n".join(lines) + "\n"
   _report.write_markdown(table, args.out)
   return 0
