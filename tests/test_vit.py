@@ -229,3 +229,27 @@ def test_wrong_input_size_is_a_user_error():
   variables, _ = init(model)
   with pytest.raises(UserError, match="img_size=48"):
     model.apply(variables, jnp.zeros((1, 48, 48, 3)))
+
+
+# One model of each family: the settings checks and the input-size check they all share
+# (compact_vit.models.layers.settings_problems / check_input_size).
+FAMILY_MODELS = ("deit_tiny_patch16_224", "dynamicvit_deit_s", "ats_deit_s", "patchmerger_vit_s16",
+                 "efficientformer_l1", "efficientformerv2_s0", "sepvit_t", "uninet_b0",
+                 "regnety_160", "reformer_vit_ti16", "autoformer_t", "autoformer_supernet_t",
+                 "tftas_t", "nasvit_a0", "vit_slim_deit_s")
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_every_family_rejects_bad_settings_and_image_sizes_clearly(name):
+  with pytest.raises(UserError, match=r"settings: .*num_classes=0 is not positive"):
+    create_model(name, num_classes=0)
+  with pytest.raises(UserError, match=r"drop_path_rate=1.0 is not in \[0, 1\)"):
+    create_model(name, drop_path_rate=1.0)
+  with pytest.raises(UserError, match=r"dtype='float33' is not a dtype"):
+    create_model(name, dtype="float33")
+  model = create_model(name, num_classes=3)
+  x = jnp.zeros((1, 64, 96, 3))
+  with pytest.raises(UserError, match=r"Input images are \(64, 96\) but the model was built for "
+                                      r"img_size=.*create it with img_size=\(64, 96\)"):
+    jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                      x))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,9 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, PatchEmbed, conv_init, dense, gelu,
-                                       drop_path_rates, linear_init, to_pair)
+from compact_vit.models.layers import (DropPath, Dtype, PatchEmbed, check_input_size,
+                                       check_settings, dense, drop_path_rates, gelu, linear_init,
+                                       settings_problems, to_pair)
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, as the authors' LayerNormSuper
 
@@ -319,20 +320,10 @@ class _Common(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _problems(self) -> list[str]:
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, ("drop_rate", "drop_path_rate"))
     if any(s % p for s, p in zip(to_pair(self.img_size), to_pair(self.patch_size))):
       problems.append(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-    for name in ("drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
     return problems
-
-  def _check_input(self, x):
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
 
   def _embed(self, x, dim, embed_mask):
     """Patches + class token + absolute position: (B, H, W, 3) -> (B, 1 + N, dim)."""
@@ -382,8 +373,7 @@ class AutoFormerViT(_Common):
       value = getattr(self, name)
       if isinstance(value, (tuple, list)) and len(value) < self.depth:
         problems.append(f"{name} has {len(value)} entries for depth={self.depth}")
-    if problems:
-      raise UserError("Invalid AutoFormerViT settings: " + "; ".join(problems) + ".")
+    check_settings("AutoFormerViT", problems)
     super().__post_init__()
 
   def layer_dims(self) -> list[tuple[int, float]]:
@@ -400,7 +390,7 @@ class AutoFormerViT(_Common):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    self._check_input(x)
+    check_input_size(self, x)
     x = self._embed(x, self.embed_dim, None)
     rel_index = self._rel_index()
     rates = drop_path_rates(self.drop_path_rate, self.depth)
@@ -426,8 +416,7 @@ class AutoFormerSupernet(_Common):
     for name in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
       if not getattr(self, name) or min(getattr(self, name)) <= 0:
         problems.append(f"{name}={getattr(self, name)} must list positive choices")
-    if problems:
-      raise UserError("Invalid AutoFormerSupernet settings: " + "; ".join(problems) + ".")
+    check_settings("AutoFormerSupernet", problems)
     super().__post_init__()
 
   @property
@@ -469,7 +458,7 @@ class AutoFormerSupernet(_Common):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
                arch: Mapping[str, jax.Array] | None = None) -> jax.Array:
-    self._check_input(x)
+    check_input_size(self, x)
     if arch is None:
       arch = arch_arrays(self.largest_arch(), self.max_depth)
     max_embed, max_heads = max(self.embed_dims), max(self.num_heads)

@@ -32,9 +32,10 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (Dtype, DropPath, LayerScale, Mlp, batch_norm, conv_init,
-                                       dense, dot_product_attention, drop_path_rates, gelu,
-                                       pool2d, to_pair)
+from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, batch_norm,
+                                       check_input_size, check_settings, conv_init, dense,
+                                       dot_product_attention, drop_path_rates, gelu, pool2d,
+                                       settings_problems, to_pair)
 
 # Variant table: name -> fields of EfficientFormer (widths, depths and MB3D blocks per the paper).
 VARIANTS: dict[str, dict] = {
@@ -239,23 +240,7 @@ class Stage(nn.Module):
     return x
 
 
-def rate_and_dtype_problems(model) -> list[str]:
-  """Settings problems shared by EfficientFormer V1 and V2: dropout rates and the compute dtype."""
-  problems = []
-  for name in ("drop_rate", "head_drop_rate", "drop_path_rate"):
-    if not 0.0 <= getattr(model, name) < 1.0:
-      problems.append(f"{name}={getattr(model, name)} is not in [0, 1)")
-  try:
-    jnp.dtype(model.dtype)
-  except TypeError:
-    problems.append(f"dtype={model.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
-  return problems
-
-
-def check_input_size(model, x: jax.Array) -> None:
-  if tuple(x.shape[1:3]) != to_pair(model.img_size):
-    raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                    f"img_size={model.img_size}; create it with img_size={x.shape[1]}.")
+RATES = ("drop_rate", "head_drop_rate", "drop_path_rate")  # EfficientFormer V1 and V2's dropouts
 
 
 def distilled_heads(model, x: jax.Array, train: bool):
@@ -300,17 +285,13 @@ class EfficientFormer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, RATES)
     if len(self.embed_dims) != len(self.depths) or not self.depths:
       problems.append(f"embed_dims={tuple(self.embed_dims)} and depths={tuple(self.depths)} "
                       "need one entry per stage")
     elif not 1 <= self.num_vit <= self.depths[-1]:
       problems.append(f"num_vit={self.num_vit} is not in [1, depths[-1]={self.depths[-1]}]")
-    problems += rate_and_dtype_problems(self)
-    if problems:
-      raise UserError("Invalid EfficientFormer settings: " + "; ".join(problems) + ".")
+    check_settings("EfficientFormer", problems)
     check_img_size("EfficientFormer", self.img_size)
     super().__post_init__()
 

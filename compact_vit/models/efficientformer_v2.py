@@ -29,13 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.efficientformer import (check_img_size, check_input_size, distilled_heads,
-                                                rate_and_dtype_problems, relative_bias_index)
+from compact_vit.models.efficientformer import (RATES, check_img_size, distilled_heads,
+                                                relative_bias_index)
 from compact_vit.models.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
-                                       conv_general_dilated, conv_init, drop_path_rates,
-                                       to_pair)
+                                       check_input_size, check_settings, conv_general_dilated,
+                                       conv_init, drop_path_rates, settings_problems, to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
 # (timm's EfficientFormer_expansion_ratios); drop path is each variant's training default.
@@ -302,9 +301,7 @@ class EfficientFormerV2(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, RATES)
     if not len(self.embed_dims) == len(self.depths) == len(self.mlp_ratios) == 4:
       problems.append(f"embed_dims={tuple(self.embed_dims)}, depths={tuple(self.depths)} and "
                       f"mlp_ratios need 4 entries (one per stage)")
@@ -314,9 +311,7 @@ class EfficientFormerV2(nn.Module):
           problems.append(f"mlp_ratios[{i}] has {len(ratios)} entries for depths[{i}]={depth}")
       if not 0 <= self.num_vit <= min(self.depths[2:]):
         problems.append(f"num_vit={self.num_vit} is not in [0, min(depths[2:])]")
-    problems += rate_and_dtype_problems(self)
-    if problems:
-      raise UserError("Invalid EfficientFormerV2 settings: " + "; ".join(problems) + ".")
+    check_settings("EfficientFormerV2", problems)
     check_img_size("EfficientFormerV2", self.img_size)
     super().__post_init__()
 

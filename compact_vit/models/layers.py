@@ -50,6 +50,37 @@ def to_pair(value: int | tuple[int, int]) -> tuple[int, int]:
   return int(value), int(value)
 
 
+def check_input_size(model, x: jax.Array) -> None:
+  """UserError, saying which `img_size` to build the model with, unless images x (B, H, W, C) have
+  the model's `img_size` (an int or an (H, W) pair)."""
+  if tuple(x.shape[1:3]) != to_pair(model.img_size):
+    size = x.shape[1] if x.shape[1] == x.shape[2] else tuple(x.shape[1:3])
+    raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
+                    f"img_size={model.img_size}; create it with img_size={size}.")
+
+
+def settings_problems(model, rates: tuple[str, ...]) -> list[str]:
+  """The settings checks every classifier shares, as messages: a positive `num_classes`, each of the
+  dropout `rates` (attribute names) in [0, 1), and a `dtype` that jnp.dtype understands."""
+  problems = []
+  if model.num_classes < 1:
+    problems.append(f"num_classes={model.num_classes} is not positive")
+  for name in rates:
+    if not 0.0 <= getattr(model, name) < 1.0:
+      problems.append(f"{name}={getattr(model, name)} is not in [0, 1)")
+  try:
+    jnp.dtype(model.dtype)
+  except TypeError:
+    problems.append(f"dtype={model.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
+  return problems
+
+
+def check_settings(family: str, problems: list[str]) -> None:
+  """One UserError listing every problem found in a model's settings, if there is any."""
+  if problems:
+    raise UserError(f"Invalid {family} settings: " + "; ".join(problems) + ".")
+
+
 def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
   """LayerNorm with timm's ViT epsilon (1e-6); statistics are computed in float32."""
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)

@@ -61,7 +61,8 @@ from flax import linen as nn
 from compact_vit import losses, objectives
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import BN_EPS, DropPath, Dtype
+from compact_vit.models.layers import (BN_EPS, DropPath, Dtype, check_input_size, check_settings,
+                                       settings_problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,9 +389,7 @@ class NASViT(nn.Module):
   bn_momentum: float = 0.1
 
   def __post_init__(self):
-    if self.num_classes < 1 or not 0.0 <= self.drop_path_rate < 1.0:
-      raise UserError(f"Invalid NASViT settings: num_classes={self.num_classes}, "
-                      f"drop_path_rate={self.drop_path_rate}.")
+    check_settings("NASViT", settings_problems(self, ("drop_rate", "drop_path_rate")))
     super().__post_init__()
 
   @property
@@ -401,9 +400,7 @@ class NASViT(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, subnet: Mapping[str, Any] | None = None):
-    if x.shape[1] != self.img_size or x.shape[2] != self.img_size:
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
+    check_input_size(self, x)
     masked = self.is_supernet
     if subnet is None:
       subnet = largest(self.space)

@@ -43,10 +43,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (Dtype, Mlp, PatchEmbed, dense, drop_path_rates,
-                                       layer_norm, linear_init, to_pair)
+from compact_vit.models.layers import (Dtype, Mlp, PatchEmbed, check_input_size, check_settings,
+                                       dense, drop_path_rates, layer_norm, linear_init,
+                                       settings_problems, to_pair)
 from compact_vit.ops.lsh_attention import (bucket_factors, dense_shared_qk_attention,
                                            lsh_self_attention, padded_length, random_rotations)
 from compact_vit.ops.reversible import chunked_feed_forward, residual_stack, reversible_stack
@@ -159,9 +159,8 @@ class ReformerViT(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, ("drop_rate", "pos_drop_rate", "attn_drop_rate",
+                                         "proj_drop_rate", "drop_path_rate"))
     if self.depth < 1:
       problems.append(f"depth={self.depth} is not positive")
     if self.embed_dim % self.num_heads:
@@ -179,14 +178,6 @@ class ReformerViT(nn.Module):
       problems.append(f"global_pool={self.global_pool!r} is not 'token' or 'avg'")
     if any(s % p for s, p in zip(to_pair(self.img_size), to_pair(self.patch_size))):
       problems.append(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-    for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate",
-                 "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
     if not problems and self.attention == "lsh":
       tokens = self.num_tokens
       factors = bucket_factors(tokens, self.chunk_len, self.n_buckets)
@@ -195,8 +186,7 @@ class ReformerViT(nn.Module):
         problems.append(f"{tokens} tokens with n_hashes={self.n_hashes} and "
                         f"chunk_len={self.chunk_len} overflow LSH's int32 sort keys; raise "
                         "chunk_len or set fewer n_buckets")
-    if problems:
-      raise UserError("Invalid ReformerViT settings: " + "; ".join(problems) + ".")
+    check_settings("ReformerViT", problems)
     super().__post_init__()
 
   @property
@@ -244,10 +234,7 @@ class ReformerViT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      size = x.shape[1] if x.shape[1] == x.shape[2] else tuple(x.shape[1:3])
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={size}.")
+    check_input_size(self, x)
     dtype, dim = jnp.dtype(self.dtype), self.embed_dim
     x = PatchEmbed(self.patch_size, dim, dtype=dtype, param_dtype=self.param_dtype,
                    name="patch_embed")(x.astype(dtype))

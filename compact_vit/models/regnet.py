@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import ConvNormAct, Dtype, DropPath, drop_path_rates, to_pair
+from compact_vit.models.layers import (ConvNormAct, DropPath, Dtype, check_input_size,
+                                       check_settings, drop_path_rates, settings_problems, to_pair)
 
 # Variant table: name -> fields of RegNet.
 VARIANTS: dict[str, dict] = {
@@ -133,9 +133,7 @@ class RegNet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, ("drop_rate", "drop_path_rate"))
     if len(self.widths) != len(self.depths):
       problems.append(f"widths={tuple(self.widths)} and depths={tuple(self.depths)} differ in "
                       "length")
@@ -144,22 +142,12 @@ class RegNet(nn.Module):
                       f"group_size={self.group_size}")
     if min(to_pair(self.img_size)) < 2 ** (len(self.depths) + 1):
       problems.append(f"img_size={self.img_size} is smaller than the network's stride")
-    for name in ("drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
-    if problems:
-      raise UserError("Invalid RegNet settings: " + "; ".join(problems) + ".")
+    check_settings("RegNet", problems)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
+    check_input_size(self, x)
     dtype, pdt = jnp.dtype(self.dtype), self.param_dtype
     x = ConvNormAct(self.stem_width, 3, strides=2, use_bias=False, act=nn.relu,
                     kernel_init=conv_init, dtype=dtype, param_dtype=pdt,

@@ -46,10 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, conv_general_dilated, dense, gelu,
-                                       dot_product_attention, drop_path_rates, to_pair)
+from compact_vit.models.layers import (DropPath, Dtype, Mlp, check_input_size, check_settings,
+                                       conv_general_dilated, dense, dot_product_attention,
+                                       drop_path_rates, gelu, settings_problems, to_pair)
 
 # Variant table: name -> fields of SepViT (authors' SepViT_Lite/_Tiny/_Small/_Base). Windows per
 # block: stage 1 [7], stage 2 [7, 14], stage 3 alternating 7/14, stage 4 [7, 7] (global at 224).
@@ -279,9 +279,7 @@ class SepViT(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, ("drop_rate", "attn_drop_rate", "drop_path_rate"))
     stages = len(self.depths)
     if stages < 1 or not (len(self.embed_dims) == len(self.num_heads) == len(self.window_sizes)
                           == stages):
@@ -298,15 +296,7 @@ class SepViT(nn.Module):
                           f"(one per block)")
     if min(to_pair(self.img_size)) < 1:
       problems.append(f"img_size={self.img_size} is not positive")
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
-    if problems:
-      raise UserError("Invalid SepViT settings: " + "; ".join(problems) + ".")
+    check_settings("SepViT", problems)
     super().__post_init__()
 
   @property
@@ -327,10 +317,7 @@ class SepViT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      size = x.shape[1] if x.shape[1] == x.shape[2] else tuple(x.shape[1:3])
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={size}.")
+    check_input_size(self, x)
     dtype = jnp.dtype(self.dtype)
     x = x.astype(dtype)
     rates = iter(drop_path_rates(self.drop_path_rate, sum(self.depths)))

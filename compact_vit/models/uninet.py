@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, conv_general_dilated, gelu,
-                                       dense, dot_product_attention, drop_path_rates, pool2d,
-                                       to_pair)
+from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, check_input_size,
+                                       check_settings, conv_general_dilated, dense,
+                                       dot_product_attention, drop_path_rates, gelu, pool2d,
+                                       settings_problems, to_pair)
 
 # Variant table: name -> fields of UniNet (the authors' UniNetB0 ... UniNetB5, ECCV version).
 _EXPANSION = (1, 4, 6, 3, 2, 5)
@@ -280,9 +280,8 @@ class UniNet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, ("drop_rate", "attn_drop_rate", "proj_drop_rate",
+                                         "drop_path_rate"))
     stages = len(self.channels)
     if not len(self.repeats) == len(self.expansion) == len(self.strides) == stages:
       problems.append(f"repeats, expansion, channels and strides need one entry per stage (got "
@@ -297,15 +296,7 @@ class UniNet(nn.Module):
                         f"head_dim={self.head_dim}")
     if min(to_pair(self.img_size)) < 1:
       problems.append(f"img_size={self.img_size} is not positive")
-    for name in ("drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
-    if problems:
-      raise UserError("Invalid UniNet settings: " + "; ".join(problems) + ".")
+    check_settings("UniNet", problems)
     super().__post_init__()
 
   def layout(self) -> list[tuple[str, int]]:
@@ -321,10 +312,7 @@ class UniNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      size = x.shape[1] if x.shape[1] == x.shape[2] else tuple(x.shape[1:3])
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={size}.")
+    check_input_size(self, x)
     dtype = jnp.dtype(self.dtype)
     layers = _Layers(dtype, self.param_dtype, train)
     x = layers.conv(self.stem_dim, "stem_conv", kernel=3, stride=2, bias=False)(x.astype(dtype))

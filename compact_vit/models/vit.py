@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (ATTENTION_IMPLEMENTATIONS, Block, Dtype, PatchEmbed, dense,
-                                       drop_path_rates, layer_norm, linear_init, to_pair)
+from compact_vit.models.layers import (ATTENTION_IMPLEMENTATIONS, Block, Dtype, PatchEmbed,
+                                       check_input_size, check_settings, dense, drop_path_rates,
+                                       layer_norm, linear_init, settings_problems, to_pair)
 
 # Variant table: name -> fields of VisionTransformer. DeiT and the original ViT share the
 # architecture at these sizes; only their released weights differ.
@@ -82,9 +82,8 @@ class VisionTransformer(nn.Module):
   attention: str = "xla"
 
   def __post_init__(self):
-    problems = []
-    if self.num_classes < 1:
-      problems.append(f"num_classes={self.num_classes} is not positive")
+    problems = settings_problems(self, ("drop_rate", "pos_drop_rate", "attn_drop_rate",
+                                         "proj_drop_rate", "drop_path_rate"))
     if self.embed_dim % self.num_heads:
       problems.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
     if self.global_pool not in ("token", "avg"):
@@ -95,18 +94,9 @@ class VisionTransformer(nn.Module):
       problems.append("distilled=True needs class_token=True and global_pool='token'")
     if any(s % p for s, p in zip(to_pair(self.img_size), to_pair(self.patch_size))):
       problems.append(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-    for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate",
-                 "drop_path_rate"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        problems.append(f"{name}={getattr(self, name)} is not in [0, 1)")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      problems.append(f"dtype={self.dtype!r} is not a dtype (e.g. jnp.bfloat16 or 'bfloat16')")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-    if problems:
-      raise UserError("Invalid VisionTransformer settings: " + "; ".join(problems) + ".")
+    check_settings("VisionTransformer", problems)
     super().__post_init__()
 
   @property
@@ -122,10 +112,7 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      size = x.shape[1] if x.shape[1] == x.shape[2] else tuple(x.shape[1:3])
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={size}.")
+    check_input_size(self, x)
     dtype, dim = jnp.dtype(self.dtype), self.embed_dim
     x = PatchEmbed(self.patch_size, dim, dtype=dtype, param_dtype=self.param_dtype,
                    name="patch_embed")(x.astype(dtype))

@@ -37,8 +37,9 @@ from flax import linen as nn
 from compact_vit import objectives
 from compact_vit.errors import UserError
 from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, dense, drop_path_rates,
-                                       gelu, layer_norm, linear_init, to_pair)
+from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, check_input_size,
+                                       check_settings, dense, drop_path_rates, gelu, layer_norm,
+                                       linear_init, settings_problems, to_pair)
 
 # Variant table: DeiT-S dims; the slim default keeps 0.7 of every attention head and MLP.
 DEIT_S = dict(embed_dim=384, depth=12, num_heads=6, patch_size=16)
@@ -68,14 +69,13 @@ class _ViTBase(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _check(self, problems: list[str]) -> None:
+    """UserError listing `problems` (the subclass's) and those of the shared fields, if any."""
+    problems = settings_problems(self, ("drop_rate", "drop_path_rate")) + problems
     if self.embed_dim % self.num_heads:
       problems.append(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
     if any(s % p for s, p in zip(to_pair(self.img_size), to_pair(self.patch_size))):
       problems.append(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-    if not 0.0 <= self.drop_path_rate < 1.0 or not 0.0 <= self.drop_rate < 1.0:
-      problems.append("drop_rate and drop_path_rate must be in [0, 1)")
-    if problems:
-      raise UserError(f"Invalid {type(self).__name__} settings: " + "; ".join(problems) + ".")
+    check_settings(type(self).__name__, problems)
 
   @property
   def num_tokens(self) -> int:
@@ -83,9 +83,7 @@ class _ViTBase(nn.Module):
     return (h // ph) * (w // pw) + 1
 
   def _embed(self, x: jax.Array) -> jax.Array:
-    if tuple(x.shape[1:3]) != to_pair(self.img_size):
-      raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                      f"img_size={self.img_size}; create it with img_size={x.shape[1]}.")
+    check_input_size(self, x)
     dtype, dim = jnp.dtype(self.dtype), self.embed_dim
     x = PatchEmbed(self.patch_size, dim, dtype=dtype, param_dtype=self.param_dtype,
                    name="patch_embed")(x.astype(dtype))

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, dense, layer_norm,
-                                       linear_init, to_pair)
+from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, check_input_size, dense,
+                                       layer_norm, linear_init)
 from compact_vit.errors import UserError
 
 POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
@@ -179,9 +179,7 @@ def check_plain_vit(model, family: str, cudnn_attention: bool = False) -> None:
 def embed(model, x: jax.Array, train: bool) -> jax.Array:
   """A ViT's input stem inside `model`'s compact scope: patches, class token, position embedding
   and its dropout, with `VisionTransformer`'s parameter names. x (B, H, W, 3) -> (B, 1 + N, C)."""
-  if tuple(x.shape[1:3]) != to_pair(model.img_size):
-    raise UserError(f"Input images are {tuple(x.shape[1:3])} but the model was built for "
-                    f"img_size={model.img_size}; create it with img_size={x.shape[1]}.")
+  check_input_size(model, x)
   dtype, dim = jnp.dtype(model.dtype), model.embed_dim
   x = PatchEmbed(model.patch_size, dim, dtype=dtype, param_dtype=model.param_dtype,
                  name="patch_embed")(x.astype(dtype))
