@@ -103,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         secs[name].append((time.perf_counter() - start) / calls)
     return secs
 
-  def round_ratio(secs: dict[str, list[float]], base: str, name: str) -> float:
-    """Median over rounds of base's time / name's time in the same round."""
-    return float(np.median(np.array(secs[base]) / np.array(secs[name])))
+  def same_round_ratios(secs: dict[str, list[float]], base: str, name: str) -> np.ndarray:
+    """base's time / name's time in each round (name's speed ratio against base)."""
+    return np.array(secs[base]) / np.array(secs[name])
 
   def ratio_cell(secs: dict[str, list[float]], base: str, name: str) -> str:
     """'median (min-max)' of the same-round speed ratios, e.g. '1.55x (1.52-1.57)'."""
-    ratios = np.array(secs[base]) / np.array(secs[name])
     if name == base:
       return "1.00x"
+    ratios = same_round_ratios(secs, base, name)
     return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
 
   where = (f"this CPU ({platform.processor() or platform.machine()}, {args.threads} threads"
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{lead} | {batch} | {rates[batch][name]:.1f} | "
                      f"{ratio_cell(timings[batch], baseline, name)} | "
                      + (f"{latency[name] * 1e3:.1f} "
-                        f"({round_ratio(latency_secs, baseline, name):.2f}x) |" if i == 0 else "|"))
+                        f"({np.median(same_round_ratios(latency_secs, baseline, name)):.2f}x) |"
+                        if i == 0 else "|"))
     torch_base = next(iter(torch_models), None)
     for name in torch_models:
       for i, batch in enumerate(batches):
