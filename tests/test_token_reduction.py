@@ -1,8 +1,9 @@
 """Token reduction (DynamicViT, ATS, PatchMerger) on tiny models: all-keep equals the dense ViT,
 masked training path equals gathered inference path, one compilation across images, finite
 forward/backward at aggressive ratios and degenerate policies (float32 and bfloat16), ATS
-unique/sampling and the merger against naive NumPy, the DynamicViT objective with a teacher, and
-timm DeiT weights into the three families.
+unique/sampling and the merger against naive NumPy, the DynamicViT objective with a teacher,
+timm DeiT weights into the three families, and DynamicViT's pruned inference from an
+authors'-layout checkpoint against a naive PyTorch model.
 
 Tolerances (float32): paths that differ only by DynamicViT's policy eps (1e-6) 2e-5 absolute on
 logits of magnitude ~1; exact-math comparisons 1e-5.
@@ -293,3 +294,66 @@ def test_timm_deit_weights_load_into_all_three_families():
     assert fresh == {"ats_deit_s": set(), "patchmerger_vit_s16": {"patch_merger"},
                      "dynamicvit_deit_s": {"score_predictor_0", "score_predictor_1"}}[name]
     assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(variables))
+
+
+def _torch_dynamicvit(vit, predictors, images, keep_counts, pruning_loc):
+  """Naive PyTorch DynamicViT inference as the paper describes it: timm's DeiT blocks; before
+  block pruning_loc[s] a predictor (LayerNorm eps 1e-5, Linear-GELU, local half | mean of the
+  global half over the tokens, Linear-GELU, Linear-GELU, Linear, log-softmax) scores the patches,
+  and the keep_counts[s] best (argsort of the keep log-probability) stay, behind the class token."""
+  import torch  # pylint: disable=import-outside-toplevel
+  f = torch.nn.functional
+
+  def predict(w, x):
+    dim = x.shape[-1]
+    x = f.layer_norm(x, (dim,), w["in_conv.0.weight"], w["in_conv.0.bias"], eps=1e-5)
+    x = f.gelu(f.linear(x, w["in_conv.1.weight"], w["in_conv.1.bias"]))
+    local, rest = x[..., :dim // 2], x[..., dim // 2:]
+    x = torch.cat([local, rest.mean(dim=1, keepdim=True).expand_as(rest)], dim=-1)
+    for j in (0, 2):
+      x = f.gelu(f.linear(x, w[f"out_conv.{j}.weight"], w[f"out_conv.{j}.bias"]))
+    return f.log_softmax(f.linear(x, w["out_conv.4.weight"], w["out_conv.4.bias"]), dim=-1)
+
+  x = vit._pos_embed(vit.patch_embed(images))  # pylint: disable=protected-access
+  for i, block in enumerate(vit.blocks):
+    if i in pruning_loc:
+      s = pruning_loc.index(i)
+      score = predict(predictors[s], x[:, 1:])[..., 0]
+      keep = torch.argsort(score, dim=1, descending=True)[:, :keep_counts[s]]
+      patches = torch.gather(x[:, 1:], 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+      x = torch.cat([x[:, :1], patches], dim=1)
+    x = block(x)
+  return vit.head(vit.norm(x)[:, 0])
+
+
+def test_dynamicvit_pruned_inference_matches_a_pytorch_reference_in_the_authors_layout():
+  """An authors'-layout checkpoint (timm DeiT keys + `score_predictor.{s}.in_conv.{0,1}` /
+  `out_conv.{0,2,4}`) loads through load_pytorch_state_dict, and the pruned inference (ranking,
+  gather, kept counts 9 and 5 of 16) gives the naive PyTorch model's logits within 1e-5."""
+  torch = pytest.importorskip("torch")
+  timm = pytest.importorskip("timm")
+  from compact_vit.convert import load_pytorch_state_dict
+  torch.manual_seed(0)
+  vit = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                          embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+  with torch.no_grad():
+    for p in vit.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  shapes = {"in_conv.0": (32,), "in_conv.1": (32, 32), "out_conv.0": (16, 32),
+            "out_conv.2": (8, 16), "out_conv.4": (2, 8)}
+  predictors = [{f"{k}.{leaf}": 0.3 * torch.randn(shape if leaf == "weight" else shape[:1])
+                 + (1.0 if k == "in_conv.0" and leaf == "weight" else 0.0)
+                 for k, shape in shapes.items() for leaf in ("weight", "bias")} for _ in range(2)]
+  state_dict = {k: v.numpy() for k, v in vit.state_dict().items()}
+  state_dict.update({f"score_predictor.{s}.{k}": v.numpy()
+                     for s, w in enumerate(predictors) for k, v in w.items()})
+  x = np.array(_images(batch=4, seed=5))
+  with torch.no_grad():
+    want = _torch_dynamicvit(vit, predictors, torch.from_numpy(x).permute(0, 3, 1, 2), (9, 5),
+                             (1, 2)).numpy()
+  overrides = dict(DYN, keep_ratio=0.6)
+  variables = load_pytorch_state_dict("dynamicvit_deit_s", state_dict, **overrides)
+  got = _eval_fn(create_model("dynamicvit_deit_s", **overrides))(variables, x)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  with torch.no_grad():  # the pruning changed the answer, so the comparison above means something
+    assert not np.allclose(vit(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy(), want, atol=1e-3)
