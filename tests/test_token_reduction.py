@@ -277,7 +277,7 @@ def test_timm_deit_weights_load_into_all_three_families():
   ref = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
                           embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
   sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-  x = np.asarray(_images())
+  x = np.array(_images())
   with torch.no_grad():
     want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   for name, extra in [("dynamicvit_deit_s", dict(pruning_loc=(1, 2), keep_ratio=1.0)),
