@@ -270,12 +270,17 @@ def test_dynamicvit_objective_with_a_teacher():
   assert np.any(np.asarray(predictor_grad) != 0)  # the ratio loss trains the predictors
 
 
+def _timm_tiny_deit():
+  """timm's DeiT with TINY's shape, eval mode."""
+  import timm  # pylint: disable=import-outside-toplevel
+  return timm.create_model("deit_small_patch16_224", pretrained=False, **TINY).eval()
+
+
 def test_timm_deit_weights_load_into_all_three_families():
   torch = pytest.importorskip("torch")
-  timm = pytest.importorskip("timm")
+  pytest.importorskip("timm")
   from compact_vit.convert import load_pytorch_state_dict
-  ref = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                          embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+  ref = _timm_tiny_deit()
   sd = {k: v.numpy() for k, v in ref.state_dict().items()}
   x = np.array(_images())
   with torch.no_grad():
@@ -331,11 +336,10 @@ def test_dynamicvit_pruned_inference_matches_a_pytorch_reference_in_the_authors_
   `out_conv.{0,2,4}`) loads through load_pytorch_state_dict, and the pruned inference (ranking,
   gather, kept counts 9 and 5 of 16) gives the naive PyTorch model's logits within 1e-5."""
   torch = pytest.importorskip("torch")
-  timm = pytest.importorskip("timm")
+  pytest.importorskip("timm")
   from compact_vit.convert import load_pytorch_state_dict
   torch.manual_seed(0)
-  vit = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                          embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+  vit = _timm_tiny_deit()
   with torch.no_grad():
     for p in vit.parameters():
       p.add_(0.2 * torch.randn_like(p))
