@@ -25,7 +25,7 @@ The authors' released DeiT-S/0.7 checkpoint (their README's download links) eval
 `:keep_ratio=R` changes ρ. `:quick` trains a shrunken DynamicViT (16x16 digits in 4x4 patches,
 4 blocks of width 192, pruning before blocks 1, 2, 3: 11, 7, 5 of 16 patches kept) from scratch on
 the embedded `digits` dataset with CE + keep-ratio loss (no teacher, no downloads); measured
-87.5% val top-1 after its 30 epochs (660 steps, ~10 min on the shared 2-core CPU):
+87.5% val top-1 after its 30 epochs (660 steps, about 2 minutes on a 2-core CPU):
 
   python train.py --config configs/dynamicvit_deit_s.py:quick --workdir runs/dynamicvit_quick
 """

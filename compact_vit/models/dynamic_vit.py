@@ -19,10 +19,9 @@ mean of the second half, then Linear C->C/2 -> GELU -> C/2->C/4 -> GELU -> C/4->
   keep score (a compile-time count: 137, 96, 67 of 196 at keep_ratio 0.7) by a `take_along_axis`
   gather; the class token always stays. The kept patch positions are sown as `kept_positions`.
 
-Departures from the authors' code: the predictor's global mean is guarded against an all-zero
-policy (their division by Σ policy gives NaN, DynamicViT#6); the backbone's learning rate is not
-scaled by their `--lr_scale 0.01` (compact_vit.optim has no per-parameter learning rates), so the
-configs lower the base learning rate instead (see configs/dynamicvit_deit_s.py).
+Departure from the authors' code: the predictor's global mean is guarded against an all-zero
+policy (their division by Σ policy gives NaN, DynamicViT#6). Their `--lr_scale 0.01` for the
+backbone is the configs' `optim.lr_scales` (configs/token_reduction_common.py).
 """
 from __future__ import annotations
 
