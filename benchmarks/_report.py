@@ -1,7 +1,34 @@
-"""Shared output step of the benchmark scripts."""
+"""Shared timing and output steps of the benchmark scripts."""
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def timed_rounds(runs: dict[str, Callable[[], None]], calls: int,
+                 repeats: int) -> dict[str, list[float]]:
+  """Seconds per call of each run in each of `repeats` interleaved rounds of `calls` calls, after
+  two untimed calls each. The order is reversed every other round, so a slow drift of the machine
+  hits every run alike."""
+  for run in runs.values():
+    run()
+    run()
+  secs = {name: [] for name in runs}
+  for r in range(repeats):
+    for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+      start = time.perf_counter()
+      for _ in range(calls):
+        runs[name]()
+      secs[name].append((time.perf_counter() - start) / calls)
+  return secs
+
+
+def same_round_ratios(secs: dict[str, list[float]], base: str, name: str) -> np.ndarray:
+  """base's time / name's time in each round of `timed_rounds` (name's speed ratio against base)."""
+  return np.array(secs[base]) / np.array(secs[name])
 
 
 def write_markdown(table: str, path: str) -> None:

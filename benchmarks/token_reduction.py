@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import _report  # benchmarks/_report.py (this script's folder is on sys.path)
 
@@ -88,30 +87,11 @@ def main(argv: list[str] | None = None) -> int:
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(args.platform, args.platform))
   dtype = jax.numpy.dtype(args.dtype)
 
-  def timed_rounds(runs: dict, calls: int) -> dict[str, list[float]]:
-    """Seconds per call of each run in each of `args.repeats` interleaved rounds (the order is
-    reversed every other round, so a slow drift of the machine hits every run alike)."""
-    for run in runs.values():
-      run()
-      run()
-    secs = {name: [] for name in runs}
-    for r in range(args.repeats):
-      for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-        start = time.perf_counter()
-        for _ in range(calls):
-          runs[name]()
-        secs[name].append((time.perf_counter() - start) / calls)
-    return secs
-
-  def same_round_ratios(secs: dict[str, list[float]], base: str, name: str) -> np.ndarray:
-    """base's time / name's time in each round (name's speed ratio against base)."""
-    return np.array(secs[base]) / np.array(secs[name])
-
   def ratio_cell(secs: dict[str, list[float]], base: str, name: str) -> str:
     """'median (min-max)' of the same-round speed ratios, e.g. '1.55x (1.52-1.57)'."""
     if name == base:
       return "1.00x"
-    ratios = same_round_ratios(secs, base, name)
+    ratios = _report.same_round_ratios(secs, base, name)
     return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
 
   where = (f"this CPU ({platform.processor() or platform.machine()}, {args.threads} threads"
@@ -154,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches:
       x = jax.device_put(np.random.default_rng(0).standard_normal((batch, 224, 224, 3),
                                                                   dtype=np.float32)).astype(dtype)
-      timings[batch] = timed_rounds({**{n: runner(n, x) for n in names},
-                                     **{n: torch_runner(n, x) for n in torch_models}}, args.steps)
+      runs = {**{n: runner(n, x) for n in names}, **{n: torch_runner(n, x) for n in torch_models}}
+      timings[batch] = _report.timed_rounds(runs, args.steps, args.repeats)
       rates[batch] = {n: batch / min(s) for n, s in timings[batch].items()}
       print(f"batch {batch}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in rates[batch].items()),
             flush=True)
     x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32)).astype(dtype)
-    latency_secs = timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps)
+    latency_secs = _report.timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps,
+                                        args.repeats)
     latency = {n: min(s) for n, s in latency_secs.items()}
     print("batch 1 latency: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in latency.items()),
           flush=True)
@@ -172,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{lead} | {batch} | {rates[batch][name]:.1f} | "
                      f"{ratio_cell(timings[batch], baseline, name)} | "
                      + (f"{latency[name] * 1e3:.1f} "
-                        f"({np.median(same_round_ratios(latency_secs, baseline, name)):.2f}x) |"
+                        f"({np.median(_report.same_round_ratios(latency_secs, baseline, name)):.2f}"
+                        "x) |"
                         if i == 0 else "|"))
     torch_base = next(iter(torch_models), None)
     for name in torch_models:

@@ -90,8 +90,13 @@ def count_macs(model: nn.Module, variables: Any, input_shape: tuple[int, ...]) -
   (the trip count is unknown at trace time).
   """
   x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  return float(_jaxpr_macs(closed.jaxpr))
+  return function_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
+
+
+def function_macs(fn: Any, *args: Any) -> float:
+  """Multiply-accumulates of `fn(*args)` (arrays or `jax.ShapeDtypeStruct`s; nothing is computed),
+  counted as `count_macs` does: e.g. one block or one layer of a model."""
+  return float(_jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def _jaxpr_macs(jaxpr: Any) -> int:

@@ -10,7 +10,8 @@ import pytest
 from flax import linen as nn
 
 from compact_vit.models import create_model
-from compact_vit.profile import count_macs, count_params, images_per_sec, random_variables
+from compact_vit.profile import (count_macs, count_params, function_macs, images_per_sec,
+                                 random_variables)
 
 
 class HandCounted(nn.Module):
@@ -37,6 +38,15 @@ def test_count_macs_exact_on_hand_counted_model():
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
   assert count_macs(model, variables, (2, 8, 8, 3)) == HAND_MACS
   assert count_params(variables["params"]) == (9 * 3 * 8 + 8) + (9 * 2 * 8 + 8) + (128 * 5 + 5) + 25
+
+
+def test_function_macs_counts_a_plain_function_of_several_arguments():
+  model = HandCounted()
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  a, b = jnp.ones((4, 6)), jnp.ones((6, 7))
+  both = lambda v, x, a, b: (model.apply(v, x), a @ b)  # noqa: E731
+  assert function_macs(both, variables, x, a, b) == HAND_MACS + 4 * 6 * 7
 
 
 @pytest.mark.parametrize("name,gmacs", [("deit_tiny_patch16_224", 1.26),
