@@ -9,9 +9,10 @@ benchmarks/token_reduction.py:
   int(N·ρ^s) patches), so that XLA drops the unused predictors: its blocks and pruning alone;
 * parts, each jitted alone: one transformer block at every token count DynamicViT runs (1 + N
   patches, then 1 + int(N·ρ^s) after stage s), each stage's score predictor, each prune step
-  (top-k, gather, class-token concatenation).
+  (top-k, gather, class-token concatenation), and the attention's two batched products alone.
 For each: how many times one DynamicViT forward pass runs it, MACs per image
-(`compact_vit.profile.function_macs`), median ms per call and GMAC/s. Then DeiT's time over
+(`compact_vit.profile.function_macs`), median ms per call, GMAC/s and cores busy (process CPU
+time over wall time, afterwards). Then DeiT's time over
 DynamicViT's (the speed ratio, median of same-round ratios) with and without the predictors,
 each beside its MACs bound 1 / (MACs ratio): the ratio if both models ran at the same speed per
 MAC. Parts jitted alone run slower per MAC than inside a whole model: on Linux each call gets its
@@ -25,7 +26,9 @@ import argparse
 import functools
 import os
 import platform
+import resource
 import sys
+import time
 
 import _report  # benchmarks/_report.py (this script's folder is on sys.path)
 
@@ -96,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     parts[f"block, {n} tokens"] = (per_block.count(n),
                                    profile.function_macs(block.apply, block_vars, x[:1]),
                                    block_fn, (block_vars, x))
+  heads, head_dim = model.num_heads, model.embed_dim // model.num_heads
+  attention_fn = jax.jit(lambda q, k, v: jnp.einsum("bhqk,bhkd->bhqd",
+                                                    jnp.einsum("bhqd,bhkd->bhqk", q, k), v))
+  for n in tokens:
+    q = normal(batch, heads, n, head_dim)
+    parts[f"attention dots q·kᵀ, ·v, {n} tokens"] = (
+        per_block.count(n), profile.function_macs(attention_fn, q[:1], q[:1], q[:1]),
+        attention_fn, (q, q, q))
   predictor = ScorePredictor()
   predictor_fn = jax.jit(lambda v, x: predictor.apply(v, x, jnp.ones(x.shape[:2])))
 
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
           for name, (_, _, fn, a) in parts.items()}
   secs = _report.timed_rounds(runs, args.steps, args.repeats)
   ms = {name: float(np.median(s)) * 1e3 for name, s in secs.items()}
+  busy = {name: cores_busy(run, args.steps) for name, run in runs.items()}
 
   cpu = platform.processor() or platform.machine()
   lines = [f"# DynamicViT's inference time by part, this CPU ({cpu}, {args.threads} threads, "
@@ -127,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
            f"{args.keep_ratio} --batch {batch} --repeats {args.repeats}`; XLA_FLAGS="
            f"`{os.environ.get('XLA_FLAGS', '')}`; median over {args.repeats} interleaved rounds "
            f"of {args.steps} calls.", "",
-           "| part | runs per pass | GMACs per image | ms per call | GMAC/s |",
-           "|---|---|---|---|---|"]
+           "| part | runs per pass | GMACs per image | ms per call | GMAC/s | cores busy |",
+           "|---|---|---|---|---|---|"]
   for name, (count, macs, _, _) in parts.items():
     rate = f"{macs * batch / ms[name] / 1e6:.1f}" if macs else "-"
-    lines.append(f"| {name} | {count} | {macs / 1e9:.4f} | {ms[name]:.1f} | {rate} |")
+    lines.append(f"| {name} | {count} | {macs / 1e9:.4f} | {ms[name]:.1f} | {rate} | "
+                 f"{busy[name]:.2f} |")
   lines += ["", f"Speed ratio {dense_name} / {args.model} at batch {batch}, median (range) over "
             "rounds, beside the MACs bound:", ""]
   for name in (args.model, no_predictors):
@@ -145,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
                f"{1 - parts[no_predictors][1] / parts[args.model][1]:.1%} of its MACs")
   _report.write_markdown("\n".join(lines) + "\n", args.out)
   return 0
+
+
+def cores_busy(run, calls: int) -> float:
+  """Process CPU time over wall time of `calls` calls of `run`: how many cores it kept busy."""
+  start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  for _ in range(calls):
+    run()
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+  return cpu / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
