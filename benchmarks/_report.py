@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable
 
 import numpy as np
+
+
+def cpu_setup(threads: int):
+  """Pins this process to `threads` cores (XLA sizes its thread pool from the affinity), puts the
+  repository on sys.path and applies the XLA CPU flags train.py / eval.py ship (call it before
+  JAX's backend starts). Returns `compact_vit.profile`."""
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from compact_vit import profile  # pylint: disable=import-outside-toplevel
+  profile.set_cpu_defaults()
+  return profile
 
 
 def timed_rounds(runs: dict[str, Callable[[], None]], calls: int,

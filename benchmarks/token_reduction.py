@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "token_reduction_cpu.md"))
   args = parser.parse_args(argv)
 
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-  sys.path.insert(0, ROOT)
-  from compact_vit import profile  # pylint: disable=import-outside-toplevel
-  profile.set_cpu_defaults()  # the XLA CPU flags train.py / eval.py ship (before JAX's backend)
+  profile = _report.cpu_setup(args.threads)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
