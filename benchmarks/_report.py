@@ -9,11 +9,15 @@ from typing import Callable
 import numpy as np
 
 
-def cpu_setup(threads: int):
+def cpu_setup(threads: int, host_devices: int = 1):
   """Pins this process to `threads` cores (XLA sizes its thread pool from the affinity), puts the
-  repository on sys.path and applies the XLA CPU flags train.py / eval.py ship (call it before
-  JAX's backend starts). Returns `compact_vit.profile`."""
+  repository on sys.path and applies the XLA CPU flags train.py / eval.py ship; `host_devices` > 1
+  splits the CPU into that many XLA devices (`--xla_force_host_platform_device_count`). Call it
+  before JAX's backend starts. Returns `compact_vit.profile`."""
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+  if host_devices > 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={host_devices}").strip()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from compact_vit import profile  # pylint: disable=import-outside-toplevel
   profile.set_cpu_defaults()

@@ -2,7 +2,7 @@
 S/16) beside ViT-B/16 (S/16), in one process, with the same thread settings for every model.
 
   python benchmarks/token_reduction.py [--batches 16,32,64] [--merger-batches 16,32] [--threads N]
-      [--platform cpu|gpu] [--dtype float32|bfloat16] [--dynamicvit-repo DIR]
+      [--platform cpu|gpu] [--dtype float32|bfloat16] [--dynamicvit-repo DIR] [--host-devices N]
 
 For each model: parameters, GMACs per image (`compact_vit.profile.count_macs`, jaxpr
 multiply-accumulates of the static-shape inference graph), images/s of `jax.jit(apply(train=False))`
@@ -17,6 +17,11 @@ first GPU (`--threads` then only pins the host process); `--dtype` is the comput
 `--dynamicvit-repo` (a checkout of raoyongming/DynamicViT, not part of this repository) adds the
 authors' PyTorch DynamicViT-S and timm's DeiT-S to the DeiT-S group's rounds (CPU, eval mode,
 `torch.inference_mode`, `--threads` torch threads), so both ratios come from the same run.
+`--host-devices N` splits the CPU into N XLA devices (`--xla_force_host_platform_device_count`, as
+`XLA_FLAGS=--xla_force_host_platform_device_count=N python eval.py ...` does for evaluation) and
+shards every batch over them, data parallel: XLA:CPU runs a batched matmul whose matrices are
+small (DynamicViT's attention below ~150 tokens) on one core, and N devices run N of them at once.
+The dense baseline is then also timed on one device in the same rounds (its own row).
 """
 from __future__ import annotations
 
@@ -72,17 +77,29 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--dynamicvit-repo", help="checkout of raoyongming/DynamicViT")
+  parser.add_argument("--host-devices", type=int, default=1,
+                      help="CPU only: split the CPU into this many XLA devices and shard each "
+                           "batch over them (data parallel; batch-1 latency stays on one)")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "token_reduction_cpu.md"))
   args = parser.parse_args(argv)
 
-  profile = _report.cpu_setup(args.threads)
+  batch_sizes = {int(b) for b in f"{args.batches},{args.merger_batches}".split(",")}
+  if args.host_devices > 1 and (args.platform != "cpu" or any(b % args.host_devices
+                                                              for b in batch_sizes)):
+    parser.error(f"--host-devices {args.host_devices} needs --platform cpu and batch sizes that "
+                 f"are multiples of it (got {sorted(batch_sizes)}).")
+  profile = _report.cpu_setup(args.threads, args.host_devices)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(args.platform, args.platform))
   dtype = jax.numpy.dtype(args.dtype)
+  mesh = Mesh(np.array(jax.devices()[:args.host_devices]), ("data",))
+  batched, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
   def ratio_cell(secs: dict[str, list[float]], base: str, name: str) -> str:
     """'median (min-max)' of the same-round speed ratios, e.g. '1.55x (1.52-1.57)'."""
@@ -94,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
   where = (f"this CPU ({platform.processor() or platform.machine()}, {args.threads} threads"
            if args.platform == "cpu" else f"{jax.devices()[0].device_kind} (")
   lines = [f"# Token reduction, inference on {where}, {args.dtype}, jax {jax.__version__})", "",
-           f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`; {args.repeats} interleaved rounds of "
+           f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`; batches sharded over "
+           f"{args.host_devices} XLA device(s); {args.repeats} interleaved rounds of "
            f"{args.steps} calls (order reversed every other round); images/s of the best round; "
            "speed ratio: median (min-max) over rounds of the baseline's time / the model's time "
            "in the same round.", "",
@@ -107,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     models, variables, stats = {}, {}, {}
     for name in names:
       models[name] = create_model(name, **({} if args.dtype == "float32" else {"dtype": dtype}))
-      variables[name] = jax.device_put(profile.random_variables(models[name], (1, 224, 224, 3)))
+      variables[name] = profile.random_variables(models[name], (1, 224, 224, 3))
       stats[name] = (profile.count_params(variables[name]["params"]) / 1e6,
                      profile.count_macs(models[name], variables[name], (1, 224, 224, 3)) / 1e9)
     applies = {n: jax.jit(lambda v, x, m=models[n]: m.apply(v, x, train=False)) for n in names}
 
+    on_mesh = {n: jax.device_put(v, replicated) for n, v in variables.items()}
+    on_one = {n: jax.device_put(v, jax.devices()[0]) for n, v in variables.items()}
+
     def runner(name, x):
-      return lambda: jax.block_until_ready(applies[name](variables[name], x))
+      v = on_one[name] if x.shape[0] == 1 else on_mesh[name]
+      return lambda: jax.block_until_ready(applies[name](v, x))
 
     torch_models = (authors_models(args.dynamicvit_repo, args.threads)
                     if args.dynamicvit_repo and baseline.startswith("deit") else {})
@@ -127,16 +149,21 @@ def main(argv: list[str] | None = None) -> int:
           torch_models[name](images)
       return run
 
-    rates, timings = {}, {}
+    rates, timings, single = {}, {}, f"{baseline}, 1 device"
     for batch in batches:
       x = jax.device_put(np.random.default_rng(0).standard_normal((batch, 224, 224, 3),
-                                                                  dtype=np.float32)).astype(dtype)
+                                                                  dtype=np.float32),
+                         batched).astype(dtype)
       runs = {**{n: runner(n, x) for n in names}, **{n: torch_runner(n, x) for n in torch_models}}
+      if args.host_devices > 1:  # the dense baseline undivided too, to show the split's own gain
+        x_one = jax.device_put(x, jax.devices()[0])
+        runs[single] = lambda x_one=x_one: jax.block_until_ready(
+            applies[baseline](on_one[baseline], x_one))
       timings[batch] = _report.timed_rounds(runs, args.steps, args.repeats)
       rates[batch] = {n: batch / min(s) for n, s in timings[batch].items()}
       print(f"batch {batch}: " + ", ".join(f"{n} {r:.1f} img/s" for n, r in rates[batch].items()),
             flush=True)
-    x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32)).astype(dtype)
+    x1 = jax.device_put(np.zeros((1, 224, 224, 3), np.float32), jax.devices()[0]).astype(dtype)
     latency_secs = _report.timed_rounds({n: runner(n, x1) for n in names}, args.latency_steps,
                                         args.repeats)
     latency = {n: min(s) for n, s in latency_secs.items()}
@@ -158,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
       for i, batch in enumerate(batches):
         lines.append(f"| {name if i == 0 else ''} | | | | {batch} | {rates[batch][name]:.1f} | "
                      f"{ratio_cell(timings[batch], torch_base, name)} vs timm |  |")
+    for i, batch in enumerate(batches if args.host_devices > 1 else []):
+      lines.append(f"| {single if i == 0 else ''} | | | | {batch} | {rates[batch][single]:.1f} | "
+                   f"{ratio_cell(timings[batch], baseline, single)} |  |")
   table = "\n".join(lines) + "\n"
   _report.write_markdown(table, args.out)
   return 0
