@@ -23,7 +23,6 @@ Writes benchmarks/results/dynamicvit_breakdown_cpu.md.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import resource
@@ -57,14 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
   from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
   from compact_vit.models.dynamic_vit import (  # pylint: disable=import-outside-toplevel
-      ScorePredictor)
+      ScorePredictor, keep_top_patches)
   from compact_vit.models.layers import Block  # pylint: disable=import-outside-toplevel
-  from compact_vit.ops import tokens as tok  # pylint: disable=import-outside-toplevel
 
   batch, shape = args.batch, (1, 224, 224, 3)
   model = create_model(args.model, keep_ratio=args.keep_ratio)
-  dense = create_model(DENSE[args.model])
   dense_name = DENSE[args.model]
+  dense = create_model(dense_name)
   variables = {args.model: profile.random_variables(model, shape),
                dense_name: profile.random_variables(dense, shape)}
   rng = np.random.default_rng(0)
@@ -107,10 +105,6 @@ def main(argv: list[str] | None = None) -> int:
   predictor = ScorePredictor()
   predictor_fn = jax.jit(lambda v, x: predictor.apply(v, x, jnp.ones(x.shape[:2])))
 
-  def prune(x, log_probs, k):
-    index = tok.top_k_indices(log_probs[..., 0], k)
-    return jnp.concatenate([x[:, :1], tok.gather_tokens(x[:, 1:], index)], axis=1)
-
   for s, n in enumerate(tokens[:-1]):
     pred_vars = {"params": variables[args.model]["params"][f"score_predictor_{s}"]}
     x = normal(batch, n, model.embed_dim)
@@ -119,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         (pred_vars, x[:, 1:]))
     k = tokens[s + 1] - 1
     parts[f"prune {s}, {n - 1} -> {k} patches"] = (
-        1, 0.0, jax.jit(functools.partial(prune, k=k)), (x, normal(batch, n - 1, 2)))
+        1, 0.0, jax.jit(lambda x, log_probs, k=k: keep_top_patches(x, log_probs[..., 0], k)[0]),
+        (x, normal(batch, n - 1, 2)))
 
   predictor_macs = sum(macs for name, (_, macs, _, _) in parts.items() if "predictor " in name)
   parts[no_predictors] = (1, parts[args.model][1] - predictor_macs) + parts[no_predictors][2:]

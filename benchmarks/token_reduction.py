@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     applies = {n: jax.jit(lambda v, x, m=models[n]: m.apply(v, x, train=False)) for n in names}
 
     on_mesh = {n: jax.device_put(v, replicated) for n, v in variables.items()}
-    on_one = {n: jax.device_put(v, jax.devices()[0]) for n, v in variables.items()}
+    on_one = on_mesh if args.host_devices == 1 else {
+        n: jax.device_put(v, jax.devices()[0]) for n, v in variables.items()}
 
     def runner(name, x):
       v = on_one[name] if x.shape[0] == 1 else on_mesh[name]

@@ -153,9 +153,8 @@ class DynamicViT(VisionTransformer):
         else:
           scores = log_probs[..., 0] if decisions is None else gather_decision(
               decisions[stage], positions)
-          index = tok.top_k_indices(scores, self.num_kept(stage))
+          x, index = keep_top_patches(x, scores, self.num_kept(stage))
           positions = tok.gather_tokens(positions, index)
-          x = jnp.concatenate([x[:, :1], tok.gather_tokens(x[:, 1:], index)], axis=1)
           self.sow("intermediates", "kept_positions", positions)
         stage += 1
       if policy is None:
@@ -166,6 +165,13 @@ class DynamicViT(VisionTransformer):
     if train:
       self.sow("intermediates", "tokens", x[:, 1:])
     return tok.classify(self, x, train)
+
+
+def keep_top_patches(x: jax.Array, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """DynamicViT's inference pruning: x (B, 1 + N, C) and patch scores (B, N) -> the class token and
+  the k best-scored patches (B, 1 + k, C), best first, and their indices (B, k)."""
+  index = tok.top_k_indices(scores, k)
+  return jnp.concatenate([x[:, :1], tok.gather_tokens(x[:, 1:], index)], axis=1), index
 
 
 def gather_decision(decision: jax.Array, positions: jax.Array) -> jax.Array:
