@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
   from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
   from compact_vit.models.dynamic_vit import (  # pylint: disable=import-outside-toplevel
       ScorePredictor, keep_top_patches)
-  from compact_vit.models.layers import Block  # pylint: disable=import-outside-toplevel
+  from compact_vit.nn.layers import Block  # pylint: disable=import-outside-toplevel
 
   batch, shape = args.batch, (1, 224, 224, 3)
   model = create_model(args.model, keep_ratio=args.keep_ratio)

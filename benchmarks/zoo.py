@@ -89,7 +89,7 @@ class Ours:
     import jax  # pylint: disable=import-outside-toplevel
     from compact_vit import profile  # pylint: disable=import-outside-toplevel
     from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
-    from compact_vit.models.layers import to_pair  # pylint: disable=import-outside-toplevel
+    from compact_vit.nn.layers import to_pair  # pylint: disable=import-outside-toplevel
     self.model = create_model(name)
     self.size = to_pair(self.model.img_size)
     shape = (1, *self.size, 3)

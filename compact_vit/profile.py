@@ -28,7 +28,7 @@ from jax.extend import core as jax_core
 
 from compact_vit.errors import UserError
 from compact_vit.models import create_model
-from compact_vit.models.layers import to_pair
+from compact_vit.nn.layers import to_pair
 
 
 # XLA CPU flags that benchmarks/zoo.py measured to help here (see benchmarks/results/zoo_cpu.md).

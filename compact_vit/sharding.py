@@ -35,7 +35,7 @@ AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
 # (path regex, axis per dimension): tensor-parallel splits of the transformer blocks' matmuls.
-# Names follow compact_vit/models/layers.py (timm's naming), so every ViT-like family matches.
+# Names follow compact_vit/nn/layers.py (timm's naming), so every ViT-like family matches.
 DEFAULT_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/qkv/kernel$", (None, "model")),
     (r"attn/qkv/bias$", ("model",)),

@@ -84,7 +84,7 @@ def tokens(config_spec: str, workdir: str, image_path: str, out: str,
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from compact_vit import evaluator, trainer  # pylint: disable=import-outside-toplevel
   from compact_vit.data import pipeline  # pylint: disable=import-outside-toplevel
-  from compact_vit.models.layers import to_pair  # pylint: disable=import-outside-toplevel
+  from compact_vit.nn.layers import to_pair  # pylint: disable=import-outside-toplevel
 
   config = load_config(config_spec)
   if init_from:

@@ -9,6 +9,7 @@ import pytest
 from compact_vit.convert import load_pytorch_state_dict
 from compact_vit.models import create_model
 from compact_vit.models import nasvit
+from compact_vit.objectives import nasvit as nasvit_rule
 
 # Exercises every mask: stage-1 shortcut projection (8 -> 16), kernel 3 of 5, expansion 2 of 3,
 # transformer width 24 of 32 at depth 2 of 3, last conv 32 of 48.
@@ -151,7 +152,7 @@ def test_gradient_projection_matches_numpy():
   for sign in (1.0, -1.0):
     g = {"a": sign * ref["a"] + 0.3 * rng.standard_normal((3, 4)),
          "b": sign * ref["b"] + 0.3 * rng.standard_normal(5)}
-    out, flag = nasvit.project_conflicting(g, ref)
+    out, flag = nasvit_rule.project_conflicting(g, ref)
     gv, rv = np.concatenate([g["a"].ravel(), g["b"]]), np.concatenate([ref["a"].ravel(), ref["b"]])
     dot = gv @ rv
     expected = gv - dot / (rv @ rv) * rv if dot < 0 else gv
@@ -166,7 +167,7 @@ def test_alpha_divergence_gradient_matches_numpy_kl():
   """With alpha in {1, 1} the surrogate's gradient is KL(p || q)'s gradient: q - p per logit."""
   rng = np.random.default_rng(0)
   student, teacher = rng.standard_normal((2, 6)), rng.standard_normal((2, 6))
-  grad = jax.jit(jax.grad(lambda s: nasvit.alpha_divergence(s, teacher, 1.0, 1.0)))(student)
+  grad = jax.jit(jax.grad(lambda s: nasvit_rule.alpha_divergence(s, teacher, 1.0, 1.0)))(student)
   softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
       z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
   np.testing.assert_allclose(grad, (softmax(student) - softmax(teacher)) / 2, atol=1e-6)
@@ -203,7 +204,7 @@ def test_sandwich_step_compiles_once_across_sampled_resolutions(micro):
     ctx = objectives.StepContext(model=model, images=images, targets=targets, rngs={}, key=key,
                                  step=jnp.zeros((), jnp.int32), batch_stats=stats, distill={},
                                  options=options)
-    loss, grads, new_stats, metrics = nasvit.nasvit_sandwich(params, ctx)
+    loss, grads, new_stats, metrics = nasvit_rule.nasvit_sandwich(params, ctx)
     return loss, metrics["mean_resolution"], new_stats
 
   seen = set()

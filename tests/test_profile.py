@@ -105,7 +105,7 @@ def test_train_compiler_options_give_the_same_gradients_through_ynnpack_reductio
   """The train-step options route the channel-wise reductions of a conv/BatchNorm/bias gradient to
   YNNPACK; gradients must agree with XLA's own reductions (float32 summation order only)."""
   from compact_vit import profile
-  from compact_vit.models.layers import ConvNormAct, gelu
+  from compact_vit.nn.layers import ConvNormAct, gelu
   model = ConvNormAct(64, kernel_size=3, groups=64, use_bias=False, act=gelu)  # (a conv bias before
   # BatchNorm has an exactly-zero gradient, which both sides compute only as rounding noise)
   x = jax.random.normal(jax.random.key(0), (4, 14, 14, 64))
@@ -129,7 +129,7 @@ def test_train_compiler_options_give_the_same_gradients_through_ynnpack_reductio
 def test_fast_depthwise_conv_matches_lax_and_counts_the_same_macs(kernel, stride, padding):
   """layers.conv_general_dilated (shifted multiply-adds) vs lax's grouped conv: same output
   (float32 rounding) and the same MACs for count_macs."""
-  from compact_vit.models import layers
+  from compact_vit.nn import layers
 
   class DwConv(nn.Module):
     fast: bool
@@ -151,7 +151,7 @@ def test_fast_depthwise_conv_matches_lax_and_counts_the_same_macs(kernel, stride
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_pool2d_matches_flax_pooling(stride):
-  from compact_vit.models import layers
+  from compact_vit.nn import layers
   x = jax.random.normal(jax.random.key(2), (2, 7, 9, 4))
   pad = ((1, 1), (1, 1))
   ref_max = nn.max_pool(x, (3, 3), strides=(stride, stride), padding=pad)
@@ -163,7 +163,7 @@ def test_pool2d_matches_flax_pooling(stride):
 def test_dot_product_attention_matches_naive_softmax():
   """Normalising after the weighted sum equals softmax(logits + bias, masked) @ v (NumPy)."""
   import numpy as np
-  from compact_vit.models.layers import dot_product_attention
+  from compact_vit.nn.layers import dot_product_attention
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 3, 5, 8)).astype(np.float32) for _ in range(3))
   bias = rng.standard_normal((3, 5, 5)).astype(np.float32)
@@ -182,7 +182,7 @@ def test_gelu_matches_exact_erf_gelu_in_float64():
   """layers.gelu (x/2 (1 + erf(x/sqrt 2)), torch's formula) against float64 math.erf."""
   import math
   import numpy as np
-  from compact_vit.models.layers import gelu
+  from compact_vit.nn.layers import gelu
   x = np.linspace(-12, 12, 2001).astype(np.float32)
   ref = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
   out = np.asarray(gelu(jnp.asarray(x)), np.float64)

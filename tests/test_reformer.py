@@ -18,8 +18,8 @@ import pytest
 from compact_vit import trainer
 from compact_vit.errors import UserError
 from compact_vit.models import create_model, reformer
-from compact_vit.ops import lsh_attention as lsh
-from compact_vit.ops.reversible import chunked_feed_forward, reversible_stack
+from compact_vit.nn import lsh_attention as lsh
+from compact_vit.nn.reversible import chunked_feed_forward, reversible_stack
 from compact_vit.profile import count_params
 
 ATOL = 2e-5

@@ -18,7 +18,7 @@ import pytest
 from compact_vit import objectives
 from compact_vit.models import create_model
 from compact_vit.models.ats import inverse_transform_sample
-from compact_vit.ops import tokens as tok
+from compact_vit.nn import tokens as tok
 
 # 16 patches (+ class token), 3 blocks; DynamicViT prunes before blocks 1 and 2.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)
@@ -113,7 +113,7 @@ def test_dynamicvit_forward_backward_finite_at_aggressive_and_degenerate_policie
   degenerate = ([jnp.zeros((3, 16))] * 2, [jnp.zeros((3, 16)).at[:, 0].set(1.0)] * 2)
   for decisions in degenerate:
     logits, inter = dyn["train"](dyn["variables"], dyn["x"], decisions)
-    assert np.all(np.isfinite(logits)) and np.all(np.isfinite(inter["tokens"][0]))
+    assert np.all(np.isfinite(logits)) and np.all(np.isfinite(inter["features"][0][:, 1:]))
   model = create_model("dynamicvit_deit_s", keep_ratio=0.3, dtype=jnp.bfloat16, **DYN)
   x = _images()
   variables = _variables(model, x)
@@ -123,7 +123,7 @@ def test_dynamicvit_forward_backward_finite_at_aggressive_and_degenerate_policie
     def loss(params):
       logits, state = model.apply({"params": params}, x, train=True, decisions=decisions,
                                   mutable=["intermediates"], rngs={"dropout": jax.random.key(0)})
-      tokens = state["intermediates"]["tokens"][0].astype(jnp.float32)
+      tokens = state["intermediates"]["features"][0][:, 1:].astype(jnp.float32)
       return jnp.sum(logits ** 2) + jnp.sum(tokens ** 2)
     return jax.value_and_grad(loss)(params), model.apply({"params": params}, x)
 

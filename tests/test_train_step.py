@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from compact_vit import losses, models, optim, trainer
+from compact_vit.nn.layers import DistilledLogits
 
 
 def test_smooth_one_hot_matches_timm_convention():
@@ -94,7 +95,7 @@ def test_compute_loss_hard_distillation_uses_the_distillation_head():
   dist = jnp.array([[0.0, 3.0, 0.0]])
   teacher = jnp.array([[0.0, 0.0, 5.0]])
   targets = jnp.array([[1.0, 0.0, 0.0]])
-  got = trainer.compute_loss((cls, dist), targets, teacher, {"type": "hard", "alpha": 0.5})
+  got = trainer.compute_loss(DistilledLogits(cls, dist), targets, teacher, {"type": "hard", "alpha": 0.5})
   expected = 0.5 * losses.soft_cross_entropy(cls, targets) + 0.5 * losses.soft_cross_entropy(
       dist, jnp.array([[0.0, 0.0, 1.0]]))
   np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -177,7 +178,7 @@ def test_registered_objective_drives_the_step_and_reports_its_metrics():
 
   @objectives.register("_test_scaled")
   def scaled(params, ctx):
-    loss, grads, batch_stats, _ = objectives.classification(params, ctx)
+    loss, grads, batch_stats, _ = objectives.OBJECTIVES["classification"](params, ctx)
     scale = ctx.options["scale"]
     return scale * loss, jax.tree.map(lambda g: scale * g, grads), batch_stats, {"scale": scale}
 

@@ -6,7 +6,7 @@ import pytest
 
 from compact_vit.errors import UserError
 from compact_vit.models import create_model, list_models
-from compact_vit.models.layers import Attention, DropPath, drop_path_rates
+from compact_vit.nn.layers import Attention, DropPath, drop_path_rates
 from compact_vit.models.vit import VARIANTS
 from compact_vit.profile import count_params
 
@@ -232,7 +232,7 @@ def test_wrong_input_size_is_a_user_error():
 
 
 # One model of each family: the settings checks and the input-size check they all share
-# (compact_vit.models.layers.settings_problems / check_input_size).
+# (compact_vit.nn.layers.settings_problems / check_input_size).
 FAMILY_MODELS = ("deit_tiny_patch16_224", "dynamicvit_deit_s", "ats_deit_s", "patchmerger_vit_s16",
                  "efficientformer_l1", "efficientformerv2_s0", "sepvit_t", "uninet_b0",
                  "regnety_160", "reformer_vit_ti16", "autoformer_t", "autoformer_supernet_t",

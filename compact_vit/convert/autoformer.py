@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from compact_vit.convert.core import StateDict, _flatten, _torch_key, register_converter
 from compact_vit.models.autoformer import SPACES, SUBNETS
-from compact_vit.models.layers import to_pair
+from compact_vit.nn.layers import to_pair
 
 
 def _torch_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -31,7 +31,7 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models import create_model
-from compact_vit.models.layers import to_pair
+from compact_vit.nn.layers import to_pair
 
 StateDict = dict[str, np.ndarray]
 Prepare = Callable[[StateDict, nn.Module], StateDict]

@@ -1,75 +1,23 @@
-"""Model registry: `create_model(name, **overrides)` and `list_models()`.
+"""The model zoo: every architecture family, registered by name.
 
-A family file registers one factory per name with `@register(name)`; a factory is any callable
-`(**overrides) -> flax.linen.Module` whose defaults build the named variant (a
-`functools.partial` of the module class is enough). The overrides a model accepts are the fields
-of its module dataclass; `create_model` rejects any other key before building it.
+`create_model(name, **overrides) -> flax.linen.Module` and `list_models()` (compact_vit/models/
+registry.py). A family file (one per architecture) imports only `compact_vit.nn`, the registry and
+JAX/Flax: nothing about losses, optimizers, data or search. The families are imported here, in
+order, so that importing `compact_vit.models` registers every name.
 """
-from __future__ import annotations
+from compact_vit.models.registry import accepted_overrides, create_model, list_models, register
+from compact_vit.models import vit  # noqa: F401
+from compact_vit.models import efficientformer  # noqa: F401
+from compact_vit.models import efficientformer_v2  # noqa: F401
+from compact_vit.models import regnet  # noqa: F401
+from compact_vit.models import sepvit  # noqa: F401
+from compact_vit.models import uninet  # noqa: F401
+from compact_vit.models import reformer  # noqa: F401
+from compact_vit.models import autoformer  # noqa: F401
+from compact_vit.models import vit_slim  # noqa: F401
+from compact_vit.models import nasvit  # noqa: F401
+from compact_vit.models import dynamic_vit  # noqa: F401
+from compact_vit.models import ats  # noqa: F401
+from compact_vit.models import patch_merger  # noqa: F401
 
-import dataclasses
-from typing import Any, Callable
-
-from flax import linen as nn
-
-from compact_vit.errors import UserError
-
-Factory = Callable[..., nn.Module]
-_REGISTRY: dict[str, Factory] = {}
-
-
-def register(name: str) -> Callable[[Factory], Factory]:
-  """Decorator registering `factory` under `name` (must be unique)."""
-  def wrap(factory: Factory) -> Factory:
-    if name in _REGISTRY:
-      raise ValueError(f"Model {name!r} is registered twice.")
-    _REGISTRY[name] = factory
-    return factory
-  return wrap
-
-
-def list_models() -> list[str]:
-  """Registered model names, sorted."""
-  return sorted(_REGISTRY)
-
-
-def accepted_overrides(name: str) -> list[str]:
-  """The override keys `create_model(name, ...)` accepts: the module's dataclass fields."""
-  module = _factory(name)()
-  return sorted(f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name"))
-
-
-def create_model(name: str, **overrides: Any) -> nn.Module:
-  """Builds the registered model `name`, with `overrides` replacing its default fields.
-
-  Raises UserError for an unknown name (listing the available ones) or an unknown override key
-  (listing the accepted ones).
-  """
-  accepted = accepted_overrides(name)
-  unknown = sorted(set(overrides) - set(accepted))
-  if unknown:
-    raise UserError(f"Unknown override(s) {', '.join(unknown)} for model {name!r}. "
-                    f"Accepted: {', '.join(accepted)}.")
-  return _factory(name)(**overrides)
-
-
-def _factory(name: str) -> Factory:
-  if name not in _REGISTRY:
-    raise UserError(f"Unknown model {name!r}. Available models: {', '.join(list_models())}.")
-  return _REGISTRY[name]
-
-
-# Family modules register their names on import.
-from compact_vit.models import vit  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import efficientformer  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import efficientformer_v2  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import regnet  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import sepvit  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import uninet  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import reformer  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import autoformer  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import vit_slim  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import nasvit  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import dynamic_vit  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import ats  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.models import patch_merger  # noqa: E402,F401  pylint: disable=wrong-import-position
+__all__ = ["accepted_overrides", "create_model", "list_models", "register"]

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from compact_vit.errors import UserError
-from compact_vit.models import register
-from compact_vit.models.layers import Block, DropPath, Dtype, dense, drop_path_rates, layer_norm
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import Block, DropPath, Dtype, dense, drop_path_rates, layer_norm
 from compact_vit.models.vit import VisionTransformer
-from compact_vit.ops import tokens as tok
+from compact_vit.nn import tokens as tok
 
 VARIANTS: dict[str, dict] = {
     "ats_deit_s": dict(embed_dim=384, depth=12, num_heads=6, patch_size=16,

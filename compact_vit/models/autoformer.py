@@ -40,10 +40,10 @@ import numpy as np
 from flax import linen as nn
 
 from compact_vit.errors import UserError
-from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, PatchEmbed, check_input_size,
-                                       check_settings, dense, drop_path_rates, gelu, linear_init,
-                                       settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (DropPath, Dtype, PatchEmbed, check_input_size,
+                                   check_settings, dense, drop_path_rates, gelu, linear_init,
+                                   settings_problems, to_pair)
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, as the authors' LayerNormSuper
 
@@ -498,28 +498,3 @@ for _name, _sub in SUBNETS.items():
   register(_name)(functools.partial(AutoFormerViT, embed_dim=_sub["embed_dim"],
                                     depth=len(_sub["num_heads"]), num_heads=_sub["num_heads"],
                                     mlp_ratios=_sub["mlp_ratios"]))
-
-
-# ----------------------------------------------------------------------------- objective
-
-def _register_objective():
-  from compact_vit import objectives
-
-  @objectives.register("autoformer_supernet")
-  def supernet_objective(params, ctx: objectives.StepContext):
-    """One uniformly sampled subnet per step (from ctx.key); loss as `classification`."""
-    if not isinstance(ctx.model, AutoFormerSupernet):
-      raise UserError("objective 'autoformer_supernet' needs an autoformer_supernet_* model.")
-    arch = ctx.model.sample_arch(ctx.key)
-    teacher_logits = ctx.teacher_logits()
-
-    def loss_fn(p):
-      outputs, batch_stats = ctx.apply(p, arch=arch)
-      return objectives.compute_loss(outputs, ctx.targets, teacher_logits, ctx.distill), batch_stats
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, grads, batch_stats, {"subnet_embed_dim": arch["embed_dim"].astype(jnp.float32),
-                                      "subnet_depth": arch["depth"].astype(jnp.float32)}
-
-
-_register_objective()

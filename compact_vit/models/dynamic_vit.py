@@ -12,9 +12,9 @@ mean of the second half, then Linear C->C/2 -> GELU -> C/2->C/4 -> GELU -> C/4->
 * Training (`train=True`): all tokens stay; hard Gumbel-softmax keep decisions (straight-through,
   noise from the 'sample' stream) are multiplied by the previous stage's, and attention is
   re-normalised over the kept keys with the self-connection kept (`ops.tokens.attention_weights`).
-  The per-stage decisions and the final normed patch tokens are sown into 'intermediates'
-  (`keep_decisions`, `tokens`) for the `dynamicvit` objective (losses: cross-entropy, keep-ratio
-  MSE, KL to the teacher, token distillation; registered at the bottom of this file).
+  The per-stage decisions and the final normed tokens are sown into 'intermediates'
+  (`keep_decisions`, `features`) for the `dynamicvit` objective (compact_vit/objectives/
+  dynamic_vit.py: cross-entropy, keep-ratio MSE, KL to the teacher, token distillation).
 * Inference (`train=False`): stage s keeps the top `int(N·keep_ratio^s)` patches by predicted
   keep score (a compile-time count: 137, 96, 67 of 196 at keep_ratio 0.7) by a `take_along_axis`
   gather; the class token always stays. The kept patch positions are sown as `kept_positions`.
@@ -32,12 +32,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit import losses, objectives
 from compact_vit.errors import UserError
-from compact_vit.models import register
-from compact_vit.models.layers import Block, dense, drop_path_rates, gelu, linear_init
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import Block, dense, drop_path_rates, gelu, linear_init
 from compact_vit.models.vit import VisionTransformer
-from compact_vit.ops import tokens as tok
+from compact_vit.nn import tokens as tok
 
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6, patch_size=16)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12, patch_size=16)
@@ -162,8 +161,6 @@ class DynamicViT(VisionTransformer):
       else:
         x = policy_block(drop_path_rate=rate, name=f"blocks_{i}")(x, policy, train=train)
     x = tok.final_norm(self, x)
-    if train:
-      self.sow("intermediates", "tokens", x[:, 1:])
     return tok.classify(self, x, train)
 
 
@@ -181,49 +178,3 @@ def gather_decision(decision: jax.Array, positions: jax.Array) -> jax.Array:
 
 for _name, _fields in VARIANTS.items():
   register(_name)(functools.partial(DynamicViT, **_fields))
-
-
-# ----------------------------------------------------------------------------- training objective
-
-def teacher_outputs(ctx) -> tuple[jax.Array, jax.Array] | tuple[None, None]:
-  """The dense teacher's logits (B, classes) and final normed patch tokens (B, N, C), frozen."""
-  if ctx.teacher is None:
-    return None, None
-  logits, state = ctx.teacher.apply(
-      ctx.teacher_vars, ctx.images, train=False,
-      capture_intermediates=lambda mdl, method: mdl.name == "norm" and method == "__call__")
-  tokens = state["intermediates"]["norm"]["__call__"][0][:, 1:]
-  return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(tokens)
-
-
-@objectives.register("dynamicvit")
-def dynamicvit_objective(params, ctx: objectives.StepContext):
-  """DynamicViT's loss (authors' DistillDiffPruningLoss_dynamic with mse_token=True):
-  CE + ratio_weight · mean over stages of the keep-ratio MSE + distill_weight · KL(teacher logits)
-  + distill_weight · MSE(kept final tokens, teacher's). The teacher terms need a teacher
-  (config.distill.type != 'none'); without one they are left out. ctx.options: `ratio_weight`
-  (default 2.0), `distill_weight` (0.5).
-  """
-  ratio_weight = float(ctx.options.get("ratio_weight", 2.0))
-  distill_weight = float(ctx.options.get("distill_weight", 0.5))
-  model = ctx.model
-  targets = [model.keep_ratio ** (s + 1) for s in range(len(model.pruning_loc))]
-  teacher_logits, teacher_tokens = teacher_outputs(ctx)
-
-  def loss_fn(p):
-    (logits, state), batch_stats = ctx.apply(p, mutable=["intermediates"])
-    inter = state["intermediates"]
-    keeps = inter["keep_decisions"]
-    terms = {"cls_loss": losses.soft_cross_entropy(logits, ctx.targets),
-             "ratio_loss": losses.keep_ratio_mse(keeps, targets)}
-    loss = terms["cls_loss"] + ratio_weight * terms["ratio_loss"]
-    if teacher_logits is not None:
-      terms["kl_loss"] = losses.kl_distillation(logits, teacher_logits, 1.0)
-      terms["token_loss"] = losses.kept_token_mse(inter["tokens"][0], teacher_tokens,
-                                                  jax.lax.stop_gradient(keeps[-1]))
-      loss = loss + distill_weight * (terms["kl_loss"] + terms["token_loss"])
-    terms.update({f"keep_ratio_{s}": jnp.mean(k) for s, k in enumerate(keeps)})
-    return loss, (batch_stats, terms)
-
-  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return loss, grads, batch_stats, terms

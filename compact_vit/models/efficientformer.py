@@ -15,7 +15,7 @@ Departures from timm and the paper:
 * The attention-bias grid follows `img_size` (timm fixes it to 7x7, i.e. 224 inputs);
   `compact_vit.convert` resamples the bias tables when loading weights trained at another size.
   `img_size` must be a multiple of 32.
-* `train=True` returns `(head_logits, head_dist_logits)` when `distillation` (timm: only after
+* `train=True` returns `DistilledLogits(head, head_dist)` when `distillation` (timm: only after
   `set_distilled_training()`); `train=False` returns their average, as timm and the authors' code.
 * Logits are float32 whatever the compute `dtype`; attention softmax runs in float32.
 """
@@ -31,11 +31,11 @@ import numpy as np
 from flax import linen as nn
 
 from compact_vit.errors import UserError
-from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, batch_norm,
-                                       check_input_size, check_settings, conv_init, dense,
-                                       dot_product_attention, drop_path_rates, gelu, pool2d,
-                                       settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (DropPath, Dtype, LayerScale, Mlp, batch_norm,
+                                   check_input_size, check_settings, classifier_heads, conv_init, dense,
+                                   dot_product_attention, drop_path_rates, gelu, pool2d,
+                                   settings_problems, to_pair)
 
 # Variant table: name -> fields of EfficientFormer (widths, depths and MB3D blocks per the paper).
 VARIANTS: dict[str, dict] = {
@@ -244,17 +244,9 @@ RATES = ("drop_rate", "head_drop_rate", "drop_path_rate")  # EfficientFormer V1 
 
 
 def distilled_heads(model, x: jax.Array, train: bool):
-  """The classifier `head` (+ `head_dist` with distillation) on pooled features x (B, C), called
-  inside the model's compact `__call__`: logits (B, classes) float32, or (cls, dist) when training
-  a distilled model; their average at inference."""
-  dtype, pdt = jnp.dtype(model.dtype), model.param_dtype
-  logits = dense(model.num_classes, "head", dtype, pdt)(x).astype(jnp.float32)
-  if not model.distillation:
-    return logits
-  dist_logits = dense(model.num_classes, "head_dist", dtype, pdt)(x).astype(jnp.float32)
-  if train:
-    return logits, dist_logits
-  return (logits + dist_logits) / 2
+  """`head` (+ `head_dist` with `model.distillation`) on pooled features x (B, C)."""
+  return classifier_heads(model.num_classes, x, x if model.distillation else None, train,
+                          jnp.dtype(model.dtype), model.param_dtype)
 
 
 class EfficientFormer(nn.Module):
@@ -262,7 +254,7 @@ class EfficientFormer(nn.Module):
 
   `__call__(x, train=False)`: x (B, H, W, 3) float32 NHWC, normalised, (H, W) = img_size (a
   multiple of 32). Returns logits (B, num_classes) float32; with `distillation` and `train=True`,
-  the tuple `(head_logits, head_dist_logits)`; with `train=False` their average.
+  `DistilledLogits(head, head_dist)`; with `train=False` their average.
 
   Module names follow timm's state-dict keys (`stem/conv1`, `stages_3/blocks_4/token_mixer`, ...):
   in the last stage the block index skips the position of timm's `Flat` module. `num_vit` MB3D

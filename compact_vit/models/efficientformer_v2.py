@@ -14,7 +14,7 @@ relative-position bias and a depthwise `v_local` term; in stage 3 it runs on a s
 (`stride_conv`) and is upsampled back bilinearly. Final BN, spatial mean, `head` + `head_dist`.
 
 Departures from timm and the authors' code:
-* `train=True` returns `(head_logits, head_dist_logits)` when `distillation` (timm: only after
+* `train=True` returns `DistilledLogits(head, head_dist)` when `distillation` (timm: only after
   `set_distilled_training()`); `train=False` returns their average.
 * `img_size` must be a multiple of 32 (the stride-2 attention is upsampled back to the stage-3 map).
 * Logits are float32 whatever the compute `dtype`; attention softmax runs in float32.
@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models import register
+from compact_vit.models.registry import register
 from compact_vit.models.efficientformer import (RATES, check_img_size, distilled_heads,
                                                 relative_bias_index)
-from compact_vit.models.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
-                                       check_input_size, check_settings, conv_general_dilated,
-                                       conv_init, drop_path_rates, settings_problems, to_pair)
+from compact_vit.nn.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
+                                   check_input_size, check_settings, conv_general_dilated,
+                                   conv_init, drop_path_rates, settings_problems, to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
 # (timm's EfficientFormer_expansion_ratios); drop path is each variant's training default.
@@ -279,7 +279,7 @@ class EfficientFormerV2(nn.Module):
 
   `__call__(x, train=False)`: x (B, H, W, 3) float32 NHWC, normalised, (H, W) = img_size (a
   multiple of 32). Returns logits (B, num_classes) float32; with `distillation` and `train=True`,
-  the tuple `(head_logits, head_dist_logits)`; with `train=False` their average.
+  `DistilledLogits(head, head_dist)`; with `train=False` their average.
 
   `mlp_ratios` has one entry per stage: a number, or a tuple with one ratio per block. `num_vit`
   attention blocks end stages 3 and 4 (stage 3's at stride 2). Drop path rises linearly over all

@@ -6,11 +6,11 @@ Paper: Kitaev, Kaiser and Levskaya, "Reformer: The Efficient Transformer", ICLR 
 (patch embedding, class token, learned position embedding, pre-norm blocks, LayerNorm + linear
 head, drop path rising linearly with depth) follows DeiT / timm (`compact_vit.models.vit`).
 
-Layer l: F = LayerNorm -> shared-QK attention (LSH, `compact_vit.ops.lsh_attention`, or its dense
+Layer l: F = LayerNorm -> shared-QK attention (LSH, `compact_vit.nn.lsh_attention`, or its dense
 O(N^2) counterpart with the same parameters) -> projection; G = LayerNorm -> MLP (optionally in
 chunks of `ff_chunk_len` tokens). `reversible=True`: the embedded tokens are duplicated into two
 streams (X1, X2) and every layer maps them to Y1 = X1 + F(X2), Y2 = X2 + G(Y1)
-(`compact_vit.ops.reversible`, one custom VJP over the whole stack); the head reads the average of
+(`compact_vit.nn.reversible`, one custom VJP over the whole stack); the head reads the average of
 the two streams, as trax's Reformer encoder (`_XYAvg`). `reversible=False`: ordinary pre-norm
 residual blocks x + F(x), x + G(x) over the same branches.
 
@@ -43,13 +43,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models import register
-from compact_vit.models.layers import (Dtype, Mlp, PatchEmbed, check_input_size, check_settings,
-                                       dense, drop_path_rates, layer_norm, linear_init,
-                                       settings_problems, to_pair)
-from compact_vit.ops.lsh_attention import (bucket_factors, dense_shared_qk_attention,
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (Dtype, Mlp, PatchEmbed, check_input_size, check_settings,
+                                   dense, drop_path_rates, layer_norm, linear_init,
+                                   settings_problems, to_pair)
+from compact_vit.nn.lsh_attention import (bucket_factors, dense_shared_qk_attention,
                                            lsh_self_attention, padded_length, random_rotations)
-from compact_vit.ops.reversible import chunked_feed_forward, residual_stack, reversible_stack
+from compact_vit.nn.reversible import chunked_feed_forward, residual_stack, reversible_stack
 
 # Variant table: name -> fields of ReformerViT (DeiT-Ti/S/B widths, depths and heads).
 VARIANTS: dict[str, dict] = {

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models import register
-from compact_vit.models.layers import (ConvNormAct, DropPath, Dtype, check_input_size,
-                                       check_settings, drop_path_rates, settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (ConvNormAct, DropPath, Dtype, check_input_size,
+                                   check_settings, drop_path_rates, settings_problems, to_pair)
 
 # Variant table: name -> fields of RegNet.
 VARIANTS: dict[str, dict] = {

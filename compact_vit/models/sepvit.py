@@ -46,10 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, check_input_size, check_settings,
-                                       conv_general_dilated, dense, dot_product_attention,
-                                       drop_path_rates, gelu, settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (DropPath, Dtype, Mlp, check_input_size, check_settings,
+                                   conv_general_dilated, dense, dot_product_attention,
+                                   drop_path_rates, gelu, settings_problems, to_pair)
 
 # Variant table: name -> fields of SepViT (authors' SepViT_Lite/_Tiny/_Small/_Base). Windows per
 # block: stage 1 [7], stage 2 [7, 14], stage 3 alternating 7/14, stage 4 [7, 7] (global at 224).

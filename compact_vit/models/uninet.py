@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, LayerScale, Mlp, check_input_size,
-                                       check_settings, conv_general_dilated, dense,
-                                       dot_product_attention, drop_path_rates, gelu, pool2d,
-                                       settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (DropPath, Dtype, LayerScale, Mlp, check_input_size,
+                                   check_settings, conv_general_dilated, dense,
+                                   dot_product_attention, drop_path_rates, gelu, pool2d,
+                                   settings_problems, to_pair)
 
 # Variant table: name -> fields of UniNet (the authors' UniNetB0 ... UniNetB5, ECCV version).
 _EXPANSION = (1, 4, 6, 3, 2, 5)

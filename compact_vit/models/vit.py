@@ -6,8 +6,9 @@ Structure, names and defaults follow timm's `vision_transformer.py` / `deit.py`,
 facebookresearch/deit checkpoints convert by renaming (`compact_vit.convert`).
 
 Departures from timm:
-* Distilled models return `(cls_logits, dist_logits)` whenever `train=True` (timm only when
-  `set_distilled_training(True)` was called); `train=False` returns their average, as timm.
+* Distilled models return `DistilledLogits(cls_logits, dist_logits)` (compact_vit.nn.layers)
+  whenever `train=True` (timm only when `set_distilled_training(True)` was called); `train=False`
+  returns their average, as timm.
 * The input size is fixed by `img_size` (no dynamic resampling of the position embedding in the
   forward pass; `compact_vit.convert` resamples it once when loading a checkpoint of another size).
 * Logits are returned in float32 whatever the compute `dtype`.
@@ -20,10 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models import register
-from compact_vit.models.layers import (ATTENTION_IMPLEMENTATIONS, Block, Dtype, PatchEmbed,
-                                       check_input_size, check_settings, dense, drop_path_rates,
-                                       layer_norm, linear_init, settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (ATTENTION_IMPLEMENTATIONS, Block, DistilledLogits, Dtype,
+                                   PatchEmbed, check_input_size, check_settings, classifier_heads,
+                                   drop_path_rates, layer_norm, linear_init, settings_problems,
+                                   to_pair)
 
 # Variant table: name -> fields of VisionTransformer. DeiT and the original ViT share the
 # architecture at these sizes; only their released weights differ.
@@ -48,8 +50,11 @@ class VisionTransformer(nn.Module):
 
   `__call__(x, train=False)`: x (B, H, W, 3) float32 NHWC, normalised, with (H, W) = img_size.
   Returns logits (B, num_classes) in float32. With `distilled=True` and `train=True` it returns
-  the tuple `(cls_logits, dist_logits)` instead: the class-token head and the distillation-token
-  head, each (B, num_classes); with `train=False`, their average.
+  `DistilledLogits(cls_logits, dist_logits)` instead: the class-token head and the
+  distillation-token head, each (B, num_classes); with `train=False`, their average.
+  Contract for training rules: the tokens after the blocks and the final norm, (B, prefix +
+  patches, embed_dim) (with global_pool='avg': before pooling and `fc_norm`), are sown as
+  `intermediates/features` (read them with `mutable=["intermediates"]`).
 
   Tokens: [cls] (if class_token), [dist] (if distilled), then the patches; `pos_embed` covers all of
   them. `global_pool='avg'` averages the patch tokens and applies `fc_norm` instead of `norm`, as
@@ -111,7 +116,7 @@ class VisionTransformer(nn.Module):
     return int(self.class_token) + int(self.distilled)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | DistilledLogits:
     check_input_size(self, x)
     dtype, dim = jnp.dtype(self.dtype), self.embed_dim
     x = PatchEmbed(self.patch_size, dim, dtype=dtype, param_dtype=self.param_dtype,
@@ -135,20 +140,16 @@ class VisionTransformer(nn.Module):
                 dtype=dtype, param_dtype=self.param_dtype, attention=self.attention,
                 name=f"blocks_{i}")(x, None, train)
 
-    head = functools.partial(dense, self.num_classes, dtype=dtype, param_dtype=self.param_dtype)
     head_drop = nn.Dropout(self.drop_rate, deterministic=not train)
     if self.global_pool == "avg":
+      self.sow("intermediates", "features", x)
       x = layer_norm("fc_norm", dtype, self.param_dtype)(x[:, self.num_prefix_tokens:].mean(1))
-      return head("head")(head_drop(x)).astype(jnp.float32)
+      return classifier_heads(self.num_classes, head_drop(x), None, train, dtype, self.param_dtype)
     x = layer_norm("norm", dtype, self.param_dtype)(x)
-    logits = head("head")(head_drop(x[:, 0])).astype(jnp.float32)
-    if not self.distilled:
-      return logits
-    dist_logits = head("head_dist")(head_drop(x[:, 1])).astype(jnp.float32)
-    if train:
-      return logits, dist_logits
-    return (logits + dist_logits) / 2
-
+    self.sow("intermediates", "features", x)
+    return classifier_heads(self.num_classes, head_drop(x[:, 0]),
+                            head_drop(x[:, 1]) if self.distilled else None, train, dtype,
+                            self.param_dtype)
 
 for _name, _fields in VARIANTS.items():
   register(_name)(functools.partial(VisionTransformer, **_fields))

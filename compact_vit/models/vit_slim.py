@@ -34,12 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from compact_vit import objectives
 from compact_vit.errors import UserError
-from compact_vit.models import register
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, check_input_size,
-                                       check_settings, dense, drop_path_rates, gelu, layer_norm,
-                                       linear_init, settings_problems, to_pair)
+from compact_vit.models.registry import register
+from compact_vit.nn.layers import (DropPath, Dtype, Mlp, PatchEmbed, check_input_size,
+                                   check_settings, dense, drop_path_rates, gelu, layer_norm,
+                                   linear_init, settings_problems, to_pair)
 
 # Variant table: DeiT-S dims; the slim default keeps 0.7 of every attention head and MLP.
 DEIT_S = dict(embed_dim=384, depth=12, num_heads=6, patch_size=16)
@@ -388,25 +387,3 @@ def merge_pretrained(masked_params: Mapping[str, Any], vit_params: Mapping[str, 
         out[k] = np.asarray(src[k])
     return out
   return merge(jax.tree.map(np.asarray, dict(masked_params)), vit_params, ())
-
-
-# ----------------------------------------------------------------------------- objective
-
-@objectives.register("vit_slim")
-def vit_slim_objective(params, ctx: objectives.StepContext):
-  """Task loss (classification / distillation) + w1 Σ|ζ_attn| + w2 Σ|ζ_mlp| + w3 Σ|tanh ζ_patch|.
-
-  Options: w1, w2, w3 (the authors' DeiT-S example: 2e-4, 5e-5, 1e-4).
-  """
-  w1, w2, w3 = (float(ctx.options.get(k, 0.0)) for k in ("w1", "w2", "w3"))
-  teacher_logits = ctx.teacher_logits()
-
-  def loss_fn(p):
-    outputs, batch_stats = ctx.apply(p)
-    task = objectives.compute_loss(outputs, ctx.targets, teacher_logits, ctx.distill)
-    attn, mlp, patch = sparsity_l1(p)
-    metrics = {"task_loss": task, "l1_attn": attn, "l1_mlp": mlp, "l1_patch": patch}
-    return task + w1 * attn + w2 * mlp + w3 * patch, (batch_stats, metrics)
-
-  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return loss, grads, batch_stats, metrics

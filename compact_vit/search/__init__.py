@@ -6,49 +6,15 @@ A method is `fn(config, workdir) -> SearchResult`, registered by name and chosen
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-from typing import Any, Callable
 
 import ml_collections
 
 from compact_vit.errors import UserError
+from compact_vit.search import evolution, nasvit, tf_tas, vit_slim  # noqa: F401  (they register)
+from compact_vit.search.registry import SearchResult, get, register, write_result
 
-_METHODS: dict[str, Callable[..., "SearchResult"]] = {}
-
-
-@dataclasses.dataclass
-class SearchResult:
-  best: dict[str, Any]
-  candidates: list[dict[str, Any]]
-  train_command: str  # the shell command that trains (or fine-tunes) the winner
-
-
-def register(name: str):
-  def wrap(fn):
-    _METHODS[name] = fn
-    return fn
-  return wrap
-
-
-def get(name: str):
-  if name not in _METHODS:
-    raise UserError(f"Unknown config.search.method {name!r}. Available: "
-                    f"{', '.join(sorted(_METHODS))}.")
-  return _METHODS[name]
-
-
-def write_result(workdir: str, method: str, result: SearchResult) -> str:
-  """Writes workdir/search.json (atomically) and returns its path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "search.json")
-  payload = {"method": method, "best": result.best, "candidates": result.candidates,
-             "train_command": result.train_command}
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2, default=float)
-  os.replace(path + ".tmp", path)
-  return path
+__all__ = ["SearchResult", "get", "register", "run", "write_result"]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
@@ -64,8 +30,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
   return result
 
 
-# Method modules register on import.
-from compact_vit.search import evolution  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.search import tf_tas  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.search import vit_slim  # noqa: E402,F401  pylint: disable=wrong-import-position
-from compact_vit.search import nasvit  # noqa: E402,F401  pylint: disable=wrong-import-position

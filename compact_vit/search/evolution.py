@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from compact_vit import checkpointing, optim, search, trainer
+from compact_vit import checkpointing, optim, trainer
+from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import autoformer
 from compact_vit.search import space as space_lib
@@ -208,8 +209,8 @@ class Evolution:
             f"GMACs)  scored {len(self.scored)}  {time.perf_counter() - start:.1f}s", flush=True)
 
 
-@search.register("autoformer_evolution")
-def autoformer_evolution(config: ml_collections.ConfigDict, workdir: str) -> search.SearchResult:
+@registry.register("autoformer_evolution")
+def autoformer_evolution(config: ml_collections.ConfigDict, workdir: str) -> registry.SearchResult:
   if not config.search.supernet_workdir and not config.search.train_supernet:
     raise UserError("Give the trained supernet: --config.search.supernet_workdir=DIR (the "
                     "--workdir of `python train.py --config configs/autoformer_<size>_"
@@ -229,6 +230,6 @@ def autoformer_evolution(config: ml_collections.ConfigDict, workdir: str) -> sea
   print(f"Search took {time.perf_counter() - start:.1f}s for {len(evolution.scored)} "
         "candidates.", flush=True)
   candidates = sorted(evolution.scored.values(), key=lambda r: -r["score"])
-  return search.SearchResult(
+  return registry.SearchResult(
       best=candidates[0], candidates=candidates,
       train_command=space_lib.train_command(config.search.retrain_config, candidates[0]["arch"]))

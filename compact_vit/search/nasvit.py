@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compact_vit import profile, search, trainer
+from compact_vit import profile, trainer
+from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import nasvit
 
@@ -97,8 +98,8 @@ class _Subnet:
     return self.model.apply(variables, x, train=train, subnet=self.arch)
 
 
-@search.register("nasvit_macs")
-def nasvit_macs_search(config, workdir) -> search.SearchResult:
+@registry.register("nasvit_macs")
+def nasvit_macs_search(config, workdir) -> registry.SearchResult:
   del workdir
   s = config.search
   space = nasvit.SPACE
@@ -126,5 +127,5 @@ def nasvit_macs_search(config, workdir) -> search.SearchResult:
   if s.get("evaluate", False):
     for name, score in evaluate_subnets(config, best).items():
       best[name].update(score)
-  return search.SearchResult(best=best, candidates=candidates,
+  return registry.SearchResult(best=best, candidates=candidates,
                              train_command="python train.py --config configs/nasvit_supernet.py")

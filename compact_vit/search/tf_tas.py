@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from compact_vit import search, trainer
+from compact_vit import trainer
+from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import autoformer
-from compact_vit.models.layers import to_pair
+from compact_vit.nn.layers import to_pair
 from compact_vit.search import space as space_lib
 
 
@@ -125,8 +126,8 @@ def make_scorer(model: autoformer.AutoFormerSupernet, params: Any, chunk: int = 
   return score
 
 
-@search.register("tf_tas")
-def tf_tas(config: ml_collections.ConfigDict, workdir: str) -> search.SearchResult:
+@registry.register("tf_tas")
+def tf_tas(config: ml_collections.ConfigDict, workdir: str) -> registry.SearchResult:
   s = config.search
   model = trainer.create_model(config, s.num_classes)
   if not isinstance(model, autoformer.AutoFormerSupernet):
@@ -161,6 +162,6 @@ def tf_tas(config: ml_collections.ConfigDict, workdir: str) -> search.SearchResu
           f"{best['score']:.4g} ({best['params'] / 1e6:.3f}M params)", flush=True)
   print(f"DSS: {len(candidates) / (time.perf_counter() - start):.1f} candidates/s.", flush=True)
   candidates.sort(key=lambda r: -r["score"])
-  return search.SearchResult(
+  return registry.SearchResult(
       best=candidates[0], candidates=candidates,
       train_command=space_lib.train_command(s.retrain_config, candidates[0]["arch"]))

@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from compact_vit import checkpointing, profile, search, sharding, trainer
+from compact_vit import checkpointing, profile, sharding, trainer
+from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import create_model
 from compact_vit.models import vit_slim
@@ -101,8 +102,8 @@ def _profile(model, params, img_size: int) -> tuple[int, float]:
   return profile.count_params(params), macs
 
 
-@search.register("vit_slim")
-def vit_slim_search(config: ml_collections.ConfigDict, workdir: str) -> search.SearchResult:
+@registry.register("vit_slim")
+def vit_slim_search(config: ml_collections.ConfigDict, workdir: str) -> registry.SearchResult:
   """Mask search + extraction; see the module docstring."""
   s = config.search
   trainer.validate_config(config)
@@ -159,4 +160,4 @@ def vit_slim_search(config: ml_collections.ConfigDict, workdir: str) -> search.S
   quick = ",quick" if config.dataset.name == "digits" else ""
   command = (f"python train.py --config configs/vit_slim_deit_s_retrain.py:slim_dir={slim_dir}"
              f"{quick} --workdir {os.path.join(workdir, 'retrain')}")
-  return search.SearchResult(best=best, candidates=candidates, train_command=command)
+  return registry.SearchResult(best=best, candidates=candidates, train_command=command)

@@ -17,7 +17,7 @@ same results up to float32 rounding.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,26 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype,
   """Linear layer with timm's ViT init."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=linear_init, bias_init=nn.initializers.zeros, name=name)
+
+
+class DistilledLogits(NamedTuple):
+  """The training-mode output of a model with a distillation head (DeiT, EfficientFormer): the
+  class head's and the distillation head's logits, each (B, num_classes) float32. Objectives
+  recognise it by type; at inference such models return the average of the two."""
+  cls_logits: jax.Array
+  dist_logits: jax.Array
+
+
+def classifier_heads(num_classes: int, cls_features: jax.Array, dist_features: jax.Array | None,
+                     train: bool, dtype: Dtype, param_dtype: Dtype) -> jax.Array | DistilledLogits:
+  """The classifier `head` on cls_features (B, C), plus `head_dist` on dist_features when given;
+  called inside a model's compact `__call__`. Returns float32 logits (B, num_classes); with a
+  distillation head, `DistilledLogits` when `train`, else the average of the two heads."""
+  logits = dense(num_classes, "head", dtype, param_dtype)(cls_features).astype(jnp.float32)
+  if dist_features is None:
+    return logits
+  dist = dense(num_classes, "head_dist", dtype, param_dtype)(dist_features).astype(jnp.float32)
+  return DistilledLogits(logits, dist) if train else (logits + dist) / 2
 
 
 class DropPath(nn.Module):

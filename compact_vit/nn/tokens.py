@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from compact_vit.models.layers import (DropPath, Dtype, Mlp, PatchEmbed, check_input_size, dense,
-                                       layer_norm, linear_init)
+from compact_vit.nn.layers import (DropPath, Dtype, Mlp, PatchEmbed, check_input_size,
+                                   classifier_heads, dense, layer_norm, linear_init)
 from compact_vit.errors import UserError
 
 POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
@@ -190,12 +190,15 @@ def embed(model, x: jax.Array, train: bool) -> jax.Array:
 
 
 def final_norm(model, x: jax.Array) -> jax.Array:
-  """The final LayerNorm `norm` over all tokens (B, N, C) -> (B, N, C)."""
-  return layer_norm("norm", jnp.dtype(model.dtype), model.param_dtype)(x)
+  """The final LayerNorm `norm` over all tokens (B, N, C) -> (B, N, C), sown as
+  `intermediates/features` (the ViT family's contract for training rules)."""
+  x = layer_norm("norm", jnp.dtype(model.dtype), model.param_dtype)(x)
+  model.sow("intermediates", "features", x)
+  return x
 
 
 def classify(model, x: jax.Array, train: bool) -> jax.Array:
   """Head dropout and the linear `head` on the class token of normed tokens -> (B, classes) f32."""
   x = nn.Dropout(model.drop_rate, deterministic=not train)(x[:, 0])
-  return dense(model.num_classes, "head", jnp.dtype(model.dtype), model.param_dtype)(x).astype(
-      jnp.float32)
+  return classifier_heads(model.num_classes, x, None, train, jnp.dtype(model.dtype),
+                          model.param_dtype)
