@@ -6,7 +6,8 @@ resumable.
 ('train'), `eval_split` ('validation'), `shuffle_buffer` (10_000; TFDS sources only, folder and cached
 sources are fully permuted), `cache` (False: keep the process's slice in host memory, decoded when all
 images share a shape), `mean`/`std` (ImageNet's, on the 0..1 scale). `aug_cfg`: see
-`transforms.TrainAugment`. Batch sizes are per process.
+`transforms.TrainAugment`, plus `repeated_aug` / `repeated_aug_replicas` (`sampling.RepeatedAug`:
+DeiT's repeated augmentation, off when absent). Batch sizes are per process.
 
 Train (`train_iterator`), infinite: each process reads its fixed, near-equal slice of the train split
 (`tfds.even_splits`). Epoch e shuffles that slice with the stateless seed (seed, e) (TFDS: file order
@@ -15,7 +16,10 @@ steps_per_epoch = num_train // (batch_size * process_count) batches, dropping th
 (less than one global batch, a different random part each epoch). So steps [e * steps_per_epoch,
 (e + 1) * steps_per_epoch) are epoch e on every process, and batches never cross epochs. Example j
 of epoch e is augmented by stateless ops keyed by (seed, e, j * process_count + process_index).
-Batch k is thus a pure function of (seed, k, process_index, process_count), and `start_step=k`
+With repeated augmentation on, epoch e's records are first arranged as DeiT's sampler arranges them
+(`sampling.RepeatedAug.arrange`: each record `repeated_aug` times, spread over blocks of the global
+batch) and steps_per_epoch is the authors' count; j still counts rows, so every copy of an image has
+its own key. Batch k is thus a pure function of (seed, k, process_index, process_count), and `start_step=k`
 yields exactly what an uninterrupted iterator yields from its k-th batch on: it starts at epoch
 k // steps_per_epoch and skips (k % steps_per_epoch) * batch_size records before decoding them.
 All epochs form one tf.data pipeline (counter → flat_map), so nothing is rebuilt between epochs.
@@ -112,13 +116,25 @@ def get_info(dataset_cfg: Any) -> DatasetInfo:
                      num_eval=dataset.num_examples(_field(dataset_cfg, 'eval_split')))
 
 
-def steps_per_epoch(dataset_cfg: Any, *, batch_size: int, process_count: int = 1) -> int:
-  """num_train // (batch_size * process_count): the batches each process yields per epoch."""
+def _repeated_aug(aug_cfg: Any, batch_size: int, process_count: int):
+  from compact_vit.data import sampling  # pylint: disable=g-import-not-at-top
+  return sampling.RepeatedAug.from_config(aug_cfg, batch_size=batch_size, process_count=process_count)
+
+
+def steps_per_epoch(dataset_cfg: Any, *, batch_size: int, process_count: int = 1,
+                    aug_cfg: Any = None) -> int:
+  """The batches each process yields per epoch: num_train // (batch_size * process_count), or with
+  repeated augmentation on in `aug_cfg` the authors' count (`sampling.RepeatedAug.steps_per_epoch`)."""
+  _check(batch_size=batch_size, process_index=0, process_count=process_count)
   num_train = get_info(dataset_cfg).num_train
-  steps = num_train // (batch_size * process_count)
+  global_batch = batch_size * process_count
+  repeated = _repeated_aug(aug_cfg, batch_size, process_count)
+  steps = repeated.steps_per_epoch(num_train, global_batch) if repeated.on else num_train // global_batch
   if steps < 1:
     raise UserError(f'The global batch ({batch_size} x {process_count} processes) is larger than the '
-                    f'train split ({num_train} examples); use a smaller batch_size.')
+                    f'train split ({num_train} examples' +
+                    (', of which repeated augmentation uses a multiple of 256 per epoch' if repeated.on
+                     else '') + '); use a smaller batch_size.')
   return steps
 
 
@@ -135,7 +151,9 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
     raise UserError(f'start_step={start_step} must be >= 0.')
   aug = transforms.TrainAugment.from_config(aug_cfg)
   mean, std = _mean_std(dataset_cfg)
-  steps = steps_per_epoch(dataset_cfg, batch_size=batch_size, process_count=process_count)
+  steps = steps_per_epoch(dataset_cfg, batch_size=batch_size, process_count=process_count,
+                          aug_cfg=aug_cfg)
+  repeated = _repeated_aug(aug_cfg, batch_size, process_count)
   shard = _shard(dataset_cfg, _field(dataset_cfg, 'train_split'), process_index, process_count)
   buffer = int(_field(dataset_cfg, 'shuffle_buffer'))
   first_epoch, skip_steps = divmod(start_step, steps)
@@ -145,6 +163,8 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
     ds = shard.records(key)
     if not shard.exact_shuffle and buffer > 1:
       ds = ds.shuffle(buffer, seed=tf.random.stateless_uniform([], key, None, None, tf.int64))
+    if repeated.on:
+      ds = repeated.arrange(ds, batch_size=batch_size, process_count=process_count)
     return ds.take(steps * batch_size).enumerate().map(lambda i, rec: (key, i, rec))
 
   def preprocess(key, i, record):
