@@ -6,9 +6,9 @@ with `best` and `candidates` and prints the command that trains the winner.
 from absl import app, flags
 from ml_collections import config_flags
 
-from compact_vit import cli, profile
+from compact_vit import cli, xla
 
-profile.set_cpu_defaults()  # XLA CPU flags, unless XLA_FLAGS sets them; before JAX's backend starts
+xla.set_cpu_defaults()  # XLA CPU flags, unless XLA_FLAGS sets them; before JAX's backend starts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Search config (configs/X.py[:ARGS]).",
                                           lock_config=True)

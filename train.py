@@ -9,9 +9,9 @@ Multi-host: start the same command on every host with `--coordinator_address=HOS
 from absl import app, flags
 from ml_collections import config_flags
 
-from compact_vit import cli, profile
+from compact_vit import cli, xla
 
-profile.set_cpu_defaults()  # XLA CPU flags, unless XLA_FLAGS sets them; before JAX's backend starts
+xla.set_cpu_defaults()  # XLA CPU flags, unless XLA_FLAGS sets them; before JAX's backend starts
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:ARGS]).",
                                           lock_config=True)

@@ -19,8 +19,8 @@ def cpu_setup(threads: int, host_devices: int = 1):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={host_devices}").strip()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from compact_vit import profile  # pylint: disable=import-outside-toplevel
-  profile.set_cpu_defaults()
+  from compact_vit import profile, xla  # pylint: disable=import-outside-toplevel
+  xla.set_cpu_defaults()
   return profile
 
 

@@ -13,7 +13,7 @@ Both sides use `--threads` cores (the process is pinned; torch.set_num_threads).
 two sides are timed alternately, one call each, `--repeats` times after warm-up, and the medians
 are reported, so load from other processes hits both alike. Train step: forward in train mode,
 softmax cross-entropy (averaged over the heads of distilled models), backward and an SGD update,
-ours jitted with the trainer's `profile.train_compiler_options()`, timm's eager. Writes a Markdown
+ours jitted with the trainer's `xla.train_compiler_options()`, timm's eager. Writes a Markdown
 table (`--out`) and, with `--plot`, published top-1 against measured GMACs for the models whose
 top-1 is known (../shared/REFERENCES.md).
 """
@@ -109,7 +109,7 @@ class Ours:
 
   def train(self, batch):
     import jax  # pylint: disable=import-outside-toplevel
-    from compact_vit import profile  # pylint: disable=import-outside-toplevel
+    from compact_vit import xla  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import optax  # pylint: disable=import-outside-toplevel
     model, variables = self.model, self.variables
@@ -125,7 +125,7 @@ class Ours:
                  for h in heads) / len(heads)
       return loss, updates
 
-    @functools.partial(jax.jit, compiler_options=profile.train_compiler_options())
+    @functools.partial(jax.jit, compiler_options=xla.train_compiler_options())
     def step(params, x, labels, key):
       grads, _ = jax.grad(loss_fn, has_aux=True)(params, x, labels, key)
       return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
   # Pin before JAX's CPU backend starts (XLA sizes its thread pool from the affinity mask) and
   # ship the profile's CPU defaults (XLA_FLAGS, read when the backend starts).
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-  from compact_vit import profile  # pylint: disable=import-outside-toplevel
-  profile.set_cpu_defaults()
+  from compact_vit import xla  # pylint: disable=import-outside-toplevel
+  xla.set_cpu_defaults()
   import jax  # pylint: disable=import-outside-toplevel
   from compact_vit.models import list_models  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
 
 def write_table(rows, args, jax, torch, timm):
   """Writes the Markdown table of `rows` to `args.out` (and prints it)."""
-  from compact_vit import profile  # pylint: disable=import-outside-toplevel
+  from compact_vit import xla  # pylint: disable=import-outside-toplevel
   versions = f"jax {jax.__version__}" + (
       f", torch {torch.__version__}, timm {timm.__version__}" if torch else "")
   lines = [
@@ -266,7 +266,7 @@ def write_table(rows, args, jax, torch, timm):
       f"CPUs, {args.threads} threads for both sides), float32, inference batch {args.batch}, "
       + ("no train step" if args.skip_train else
          f"train-step batch {args.train_batch} (compiler_options "
-         f"`{profile.train_compiler_options()}`)")
+         f"`{xla.train_compiler_options()}`)")
       + f"; {versions}; XLA_FLAGS="
       f"`{os.environ.get('XLA_FLAGS', '')}`. Median of {args.repeats} alternating calls "
       f"(train: {max(args.repeats // 2, 1)}) after 2 warm-up calls. Reference: timm's model of "

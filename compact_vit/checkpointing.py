@@ -119,5 +119,22 @@ class TrainCheckpointer:
                       f"model/optimizer ({e}). Use another --workdir or the config it was "
                       "trained with.") from e
 
+  def restore_subtree(self, abstract_subtree: Mapping[str, Any], step: int | None = None) -> Any:
+    """Restores only the top-level entries of `abstract_subtree` (e.g. params, batch_stats,
+    ema_params) from a saved train state, without building the optimizer state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"No checkpoint in {self.directory}: train first (python train.py ...) or "
+                      "pass --config.init_from=DIR with a converted checkpoint.")
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype)
+                                if getattr(a, "sharding", None) is not None
+                                else ocp.RestoreArgs(restore_type=np.ndarray), abstract_subtree)
+    try:
+      return self._manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=dict(abstract_subtree), restore_args=dict(restore_args), partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise UserError(f"Checkpoint at step {step} in {self.directory} does not fit this config's "
+                      f"model ({e}). Use another --workdir or the config it was trained with.") from e
+
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -9,35 +9,34 @@ from typing import Any
 import jax
 import ml_collections
 
-from compact_vit import checkpointing, optim, profile, sharding, trainer
+from compact_vit import checkpointing, profile, sharding, trainer
 from compact_vit.errors import UserError
 
 
-def load_eval_variables(config: ml_collections.ConfigDict, workdir: str, model,
-                        num_train: int) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
-  """(variables, step, ema variables or None) from WORKDIR/checkpoints, else `config.init_from`."""
+def load_eval_variables(config: ml_collections.ConfigDict, workdir: str,
+                        model) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+  """(variables, step, ema variables or None) from WORKDIR/checkpoints, else `config.init_from`.
+
+  Only the model's variables are read from a training checkpoint (params, batch_stats and the EMA
+  copy), not the optimizer state."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = None
   if os.path.isdir(ckpt_dir):
     ckpt = checkpointing.TrainCheckpointer(ckpt_dir, keep=config.keep_checkpoints)
     step = ckpt.latest_step()
+  abstract = jax.eval_shape(
+      lambda: trainer.init_variables(model, jax.random.key(0), config.img_size))
   if step is not None:
-    steps_per_epoch, total_steps = trainer.schedule_lengths(config, num_train)
-    tx, _ = optim.create_optimizer(config.optim, batch_size=config.batch_size,
-                                   steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    init_fn = functools.partial(trainer.create_train_state, model, tx, img_size=config.img_size,
-                                use_ema=config.ema_decay > 0)
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    state = ckpt.restore(abstract, step)
-    ema = trainer.model_variables(state, "ema_params") if "ema_params" in state else None
-    return trainer.model_variables(state), step, ema
+    wanted = dict(abstract)
+    if config.ema_decay > 0:
+      wanted["ema_params"] = abstract["params"]
+    restored = ckpt.restore_subtree(wanted, step)
+    ema = None
+    if "ema_params" in restored:
+      ema = dict(restored, params=restored.pop("ema_params"))
+    return restored, step, ema
   if config.init_from:
-    abstract = jax.eval_shape(
-        lambda: trainer.init_variables(model, jax.random.key(0), config.img_size))
-    variables, meta = checkpointing.load_variables(config.init_from)
-    checkpointing.check_tree_matches(abstract, variables,
-                                     f"Checkpoint {config.init_from} (model {meta.get('model')!r})")
-    return variables, 0, None
+    return trainer.load_init_from(config.init_from, abstract), 0, None
   raise UserError(f"No checkpoint found in {ckpt_dir} and no --config.init_from given. Train first "
                   f"(python train.py --config ... --workdir {workdir}) or convert weights with "
                   "`python -m compact_vit.convert` and pass --config.init_from=DIR.")
@@ -56,7 +55,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   info = pipeline.get_info(dataset_cfg)
   model = trainer.create_model(config, info.num_classes)
-  variables, step, ema = load_eval_variables(config, workdir, model, info.num_train)
+  variables, step, ema = load_eval_variables(config, workdir, model)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   eval_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
 

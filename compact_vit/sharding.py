@@ -153,7 +153,7 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
 
 def rules_from_config(config) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
   """`config.sharding_rules` ([regex, [axis or None per dim]] pairs) if set, else DEFAULT_RULES."""
-  rules = config.get("sharding_rules")
+  rules = config.sharding_rules
   if not rules:
     return DEFAULT_RULES
   out = []

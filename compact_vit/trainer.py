@@ -26,14 +26,13 @@ import signal
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from compact_vit import checkpointing, losses, models, objectives, optim, profile, sharding
+from compact_vit import checkpointing, losses, models, objectives, optim, sharding, xla
 from compact_vit.errors import UserError
 from compact_vit.writers import MetricWriter, Progress
 
@@ -46,7 +45,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The model of `config.model` (name + overrides) with the dataset's classes and image size."""
   overrides = {k: v for k, v in config.model.items() if k != "name"}
   overrides.update(num_classes=num_classes, img_size=config.img_size)
-  if config.get("remat", False) and "remat" in models.accepted_overrides(config.model.name):
+  if config.remat and "remat" in models.accepted_overrides(config.model.name):
     overrides["remat"] = True  # training checks in validate_config that the model has the field
   if config.dtype != "float32":
     overrides["dtype"] = jnp.dtype(config.dtype)
@@ -122,7 +121,7 @@ def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, 
   """One update. Returns (new state, {'loss', 'lr', 'grad_norm', ...objective metrics}).
 
   Pure; RNG = fold_in(seed key, step). `objective` is config.objective ({'name': ..., options});
-  the objective (compact_vit/objectives.py) returns the loss and gradients. Mixup/CutMix pairs
+  the objective (compact_vit/objectives/) returns the loss and gradients. Mixup/CutMix pairs
   examples across the whole batch, then `grad_accum` > 1 runs the objective per micro-batch.
   """
   objective = dict(objective or {"name": "classification"})
@@ -206,12 +205,12 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
       raise UserError(f"config.{field} must be positive, got {config[field]}.")
   if config.total_steps is None and config.total_epochs <= 0:
     raise UserError("Set config.total_epochs > 0 or config.total_steps.")
-  if int(config.get("grad_accum", 1)) < 1:
+  if int(config.grad_accum) < 1:
     raise UserError(f"config.grad_accum={config.grad_accum} must be >= 1 (1 = no accumulation).")
-  if int(config.get("input_shards", 0)) % jax.process_count():
+  if int(config.input_shards) % jax.process_count():
     raise UserError(f"config.input_shards={config.input_shards} must be a multiple of the "
                     f"{jax.process_count()} processes (or 0: one per process).")
-  if config.get("remat", False) and "remat" not in models.accepted_overrides(config.model.name):
+  if config.remat and "remat" not in models.accepted_overrides(config.model.name):
     raise UserError(f"config.remat=True needs a model with a `remat` field (the ViT/DeiT family "
                     f"has one); {config.model.name!r} has none. Set --config.remat=False, or give "
                     "the model's blocks `nn.remat` behind a `remat` field as VisionTransformer "
@@ -220,9 +219,8 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
 
 
 def objective_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """config.objective as a dict ({'name': 'classification'} when the config has none)."""
-  objective = config.get("objective")
-  return objective.to_dict() if objective is not None else {"name": "classification"}
+  """config.objective as a dict: its `name` and the rule's options."""
+  return config.objective.to_dict()
 
 
 def check_remat(model, abstract_params: Any, img_size: int) -> None:
@@ -238,12 +236,13 @@ def check_remat(model, abstract_params: Any, img_size: int) -> None:
                     "`nn.remat` to its blocks.")
 
 
-def load_init_from(directory: str, abstract_params: Any) -> dict[str, Any]:
-  """Variables of a converted checkpoint, checked against the model's parameter tree."""
+def load_init_from(directory: str, abstract_variables: Any) -> dict[str, Any]:
+  """Variables of a converted checkpoint, checked against the model's variables (params, and
+  batch_stats where the model has them)."""
   variables, meta = checkpointing.load_variables(directory)
   try:
     checkpointing.check_tree_matches(
-        abstract_params, variables["params"],
+        abstract_variables, variables,
         f"Checkpoint {directory} (model {meta.get('model')!r})")
   except UserError as e:
     raise UserError(f"{e}. For another input size or class count, convert the weights again "
@@ -276,7 +275,7 @@ def input_slices(config: ml_collections.ConfigDict) -> tuple[list[int], int]:
   process), process p reading the p-th contiguous group. The global batch is the slices' batches
   concatenated in slice order, whatever the number of processes."""
   nproc, pid = jax.process_count(), jax.process_index()
-  count = int(config.get("input_shards", 0)) or nproc
+  count = int(config.input_shards) or nproc
   if config.batch_size % count:
     raise UserError(f"config.batch_size={config.batch_size} is not divisible by "
                     f"config.input_shards={count}.")
@@ -336,6 +335,65 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+class LossGuard:
+  """Stops a run whose loss is not finite, without making the host wait on every step.
+
+  The loss of step s is checked only after step s+1 has been dispatched (`defer`), so the host
+  never blocks on the device; `check_now` checks what is pending at once, and the loop calls it
+  before every save, so a NaN never reaches a checkpoint. The error names the last good checkpoint,
+  which is kept."""
+
+  def __init__(self, checkpoint_dir: str, last_saved: int | None):
+    self.checkpoint_dir = checkpoint_dir
+    self.last_saved = last_saved  # the step of the newest checkpoint on disk, or None
+    self._pending: tuple[int, Mapping[str, jax.Array]] | None = None
+
+  def defer(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    """Checks the previous step's loss, then holds this step's until the next call."""
+    self.check_now()
+    self._pending = (step, metrics)
+
+  def check_now(self) -> float | None:
+    """Checks the pending loss (blocking on it); returns it, or None when nothing is pending."""
+    if self._pending is None:
+      return None
+    step, metrics = self._pending
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      where = (f"the last good checkpoint (step {self.last_saved}) is kept in "
+               f"{self.checkpoint_dir}" if self.last_saved is not None
+               else "no checkpoint had been written yet")
+      raise UserError(f"Loss became {loss} at step {step}; stopping. {where}. Lower "
+                      "config.optim.lr, enable gradient clipping (config.optim.grad_clip_mode) or "
+                      "use float32.")
+    return loss
+
+
+def restore_or_init(ckpt: checkpointing.TrainCheckpointer, init_fn: Callable, rng: jax.Array,
+                    abstract_state: State, state_sh: Any, tx: optax.GradientTransformation, *,
+                    init_from: Mapping[str, Any] | None, use_ema: bool,
+                    log: Callable = print) -> tuple[State, int]:
+  """(state, start step): the latest checkpoint in `ckpt` if there is one; otherwise a fresh
+  state initialised sharded (`jit(init_fn, out_shardings=state_sh)`), its parameters (and
+  BatchNorm statistics, EMA copy and optimizer state) taken from `init_from` variables when
+  given."""
+  step = ckpt.latest_step()
+  if step is not None:
+    abstract_sharded = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh)
+    log(f"Resumed from {ckpt.directory} at step {step}.")
+    return ckpt.restore(abstract_sharded, step), step
+  state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+  if init_from is not None:
+    state["params"] = jax.device_put(init_from["params"], state_sh["params"])
+    if "batch_stats" in state and "batch_stats" in init_from:
+      state["batch_stats"] = jax.device_put(init_from["batch_stats"], state_sh["batch_stats"])
+    if use_ema:
+      state["ema_params"] = jax.device_put(init_from["params"], state_sh["params"])
+    state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(state["params"])
+  return state, 0
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -347,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   nproc, pid = jax.process_count(), jax.process_index()
   log = functools.partial(print, flush=True) if pid == 0 else lambda *a, **k: None
   mesh = sharding.make_mesh(config.mesh)
-  grad_accum = int(config.get("grad_accum", 1))
+  grad_accum = int(config.grad_accum)
   sharding.check_batch_size(config.batch_size, mesh, grad_accum=grad_accum)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   slices, num_slices = input_slices(config)
@@ -365,12 +423,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_fn, rng)
   state_sh = sharding.state_shardings(abstract_state, mesh, sharding.rules_from_config(config))
-  if config.get("remat", False):
+  if config.remat:
     check_remat(model, abstract_state["params"], config.img_size)
   repl = sharding.replicated(mesh)
   init_variables_from = None
   if config.init_from:
-    init_variables_from = load_init_from(config.init_from, abstract_state["params"])
+    init_variables_from = load_init_from(
+        config.init_from, {k: abstract_state[k] for k in ("params", "batch_stats")
+                           if k in abstract_state})
   teacher, teacher_vars = (None, None)
   if config.distill.type != "none":
     teacher, teacher_vars = load_teacher(config)
@@ -385,24 +445,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
 
   # State: latest checkpoint, else fresh init (+ converted weights).
-  abstract_sharded = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-  start_step = ckpt.latest_step()
-  if start_step is not None:
-    state = ckpt.restore(abstract_sharded, start_step)
-    log(f"Resumed from {ckpt.directory} at step {start_step}.")
-  else:
-    start_step = 0
-    state = jax.jit(init_fn, out_shardings=state_sh)(rng)
-    if init_variables_from is not None:
-      state["params"] = jax.device_put(init_variables_from["params"], state_sh["params"])
-      if "batch_stats" in state and "batch_stats" in init_variables_from:
-        state["batch_stats"] = jax.device_put(init_variables_from["batch_stats"],
-                                              state_sh["batch_stats"])
-      if use_ema:
-        state["ema_params"] = jax.device_put(init_variables_from["params"], state_sh["params"])
-      state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(state["params"])
-      log(f"Initialised parameters from {config.init_from}.")
+  state, start_step = restore_or_init(ckpt, init_fn, rng, abstract_state, state_sh, tx,
+                                      init_from=init_variables_from, use_ema=use_ema, log=log)
+  if start_step == 0 and init_variables_from is not None:
+    log(f"Initialised parameters from {config.init_from}.")
 
   # Compiled steps.
   step_fn = jax.jit(
@@ -412,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay,
           objective=objective_options(config), grad_accum=grad_accum),
       donate_argnums=(0,), out_shardings=(state_sh, repl),
-      compiler_options=profile.train_compiler_options())
+      compiler_options=xla.train_compiler_options())
   eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
 
   def eval_batches():
@@ -420,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.dataset, img_size=config.img_size, batch_size=local_eval_batch,
         crop_pct=config.crop_pct, process_index=pid, process_count=nproc)
 
-  def run_eval(step: int) -> dict[str, float]:
+  def run_eval(state: State, step: int) -> dict[str, float]:
     result = {}
     for prefix, key in [("val", "params")] + ([("val_ema", "ema_params")] if use_ema else []):
       res = evaluate(eval_fn, model_variables(state, key), eval_batches(), mesh)
@@ -436,55 +482,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           process_index=index, process_count=num_slices)
       for index in slices])
 
-  # Loop. The loss of step s is checked after step s+1 is dispatched, and always before a save,
-  # so a NaN never reaches a checkpoint and the host never waits on every step.
+  # Loop. Losses are checked one step late (LossGuard), and always before a save.
   progress = Progress(total_steps, config.batch_size)
   final_eval: dict[str, float] = {}
-  pending = None  # (step, metrics) not yet checked
-  last_saved = start_step if ckpt.latest_step() is not None else None
-
-  def check(pending_metrics):
-    step_done, metrics = pending_metrics
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      where = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
-               if last_saved is not None else "no checkpoint had been written yet")
-      raise UserError(f"Loss became {loss} at step {step_done}; stopping. {where}. Lower "
-                      "config.optim.lr, enable config.optim.grad_clip_norm or use float32.")
-    return loss
-
+  guard = LossGuard(ckpt.directory, start_step if ckpt.latest_step() is not None else None)
   step = start_step
   stopped_by = None
   last_loss = None
   stop_agreed = _StopAgreement(mesh) if nproc > 1 else (lambda flag: flag)
   with _StopRequest() as stop:
     while step < total_steps:
-      batch = sharding.shard_batch(next(train_iter), mesh)
-      state, metrics = step_fn(state, batch, teacher_vars)
+      waited = time.perf_counter()
+      host_batch = next(train_iter)
+      progress.input_wait(time.perf_counter() - waited)
+      state, metrics = step_fn(state, sharding.shard_batch(host_batch, mesh), teacher_vars)
       step += 1
       if step == start_step + 1:
         progress.update(step)  # the first step includes compilation; rates start after it
-      if pending is not None:
-        check(pending)
-      pending = (step, metrics)
+      guard.defer(step, metrics)
       is_last = step == total_steps
       if step % config.log_every == 0 or is_last:
-        loss = last_loss = check(pending)
+        loss = last_loss = guard.check_now()
         host = jax.device_get(metrics)
         record = {f"train/{k}": float(v) for k, v in host.items()}
         record.update({"train/loss": loss, "train/epoch": step / steps_per_epoch})
         if step > start_step + 1:
           record["train/images_per_sec"] = progress.update(step)
+          record["train/input_wait_fraction"] = progress.input_fraction
         writer.write(step, record)
         if pid == 0:
           progress.show(step, loss, float(host["lr"]))
       if step % config.eval_every == 0 or is_last:
-        final_eval = run_eval(step)
+        final_eval = run_eval(state, step)
       stopping = stop_agreed(stop.signal is not None)
       if step % config.checkpoint_every == 0 or is_last or stopping:
-        check(pending)
+        guard.check_now()
         ckpt.save(step, state)
-        last_saved = step
+        guard.last_saved = step
       if stopping:
         stopped_by = stop.signal or "a stop request on another process"
         break

@@ -93,7 +93,7 @@ def tokens(config_spec: str, workdir: str, image_path: str, out: str,
     raise UserError(f"Image file {image_path} does not exist.")
   info = pipeline.get_info(config.dataset)
   model = trainer.create_model(config, info.num_classes)
-  variables, _, _ = evaluator.load_eval_variables(config, workdir, model, info.num_train)
+  variables, _, _ = evaluator.load_eval_variables(config, workdir, model)
   image = Image.open(image_path).convert("RGB")
   size = to_pair(config.img_size)
   x = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0

@@ -51,24 +51,38 @@ def _format_seconds(seconds: float) -> str:
 
 
 class Progress:
-  """Images/s between calls and a one-line status: step, loss, lr, images/s, ETA."""
+  """Images/s between calls, the share of that time spent waiting for input, and a one-line
+  status: step, loss, lr, images/s, input wait, ETA.
+
+  The loop reports each wait for the next batch with `input_wait(seconds)`. `input_fraction` is
+  the waited time over the wall time between two `update` calls: near 0 the accelerators set the
+  pace; near 1 the run is input-bound (more host cores, or a lighter augmentation, would speed it
+  up)."""
 
   def __init__(self, total_steps: int, batch_size: int):
     self.total_steps = total_steps
     self.batch_size = batch_size
     self._last_time = None
     self._last_step = None
+    self._waited = 0.0
     self.rate = 0.0
+    self.input_fraction = 0.0
+
+  def input_wait(self, seconds: float) -> None:
+    self._waited += seconds
 
   def update(self, step: int) -> float:
     now = time.perf_counter()
     if self._last_time is not None and step > self._last_step:
       self.rate = (step - self._last_step) * self.batch_size / (now - self._last_time)
-    self._last_time, self._last_step = now, step
+      self.input_fraction = min(self._waited / (now - self._last_time), 1.0)
+    self._last_time, self._last_step, self._waited = now, step, 0.0
     return self.rate
 
   def show(self, step: int, loss: float, lr: float) -> None:
     eta = ((self.total_steps - step) * self.batch_size / self.rate) if self.rate else 0.0
+    bound = "  INPUT-BOUND" if self.input_fraction > 0.5 else ""
     line = (f"[step {step}/{self.total_steps}] loss {loss:.4f}  lr {lr:.3g}  "
-            f"{self.rate:.1f} img/s  ETA {_format_seconds(eta)}")
+            f"{self.rate:.1f} img/s  input wait {100 * self.input_fraction:.0f}%{bound}  "
+            f"ETA {_format_seconds(eta)}")
     print(line, file=sys.stdout, flush=True)

@@ -57,6 +57,8 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.grad_accum = 1  # micro-batches per step (same update as the whole batch at once)
   c.remat = False  # recompute each block in the backward pass (models with a `remat` field)
   c.input_shards = 0  # input slices of the global batch; 0 = one per process
+  c.sharding_rules = ()  # ((regex, (None | "model", ...)), ...); empty = sharding.DEFAULT_RULES
+  c.objective = ml_collections.ConfigDict({"name": "classification"})  # compact_vit/objectives
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model_name

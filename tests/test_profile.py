@@ -81,30 +81,30 @@ def test_profile_cli_prints_one_json_line():
 
 
 def test_set_cpu_defaults_keeps_the_users_flags(monkeypatch):
-  from compact_vit import profile
-  name = profile.CPU_XLA_FLAGS[0].split("=")[0]
+  from compact_vit import xla
+  name = xla.CPU_XLA_FLAGS[0].split("=")[0]
   monkeypatch.setenv("XLA_FLAGS", f"{name}=false --xla_dump_to=/tmp/x")
-  profile.set_cpu_defaults()
+  xla.set_cpu_defaults()
   assert os.environ["XLA_FLAGS"].split()[:2] == [f"{name}=false", "--xla_dump_to=/tmp/x"]
   assert os.environ["XLA_FLAGS"].count(name) == 1
   monkeypatch.delenv("XLA_FLAGS")
-  profile.set_cpu_defaults()
-  assert os.environ["XLA_FLAGS"].split() == list(profile.CPU_XLA_FLAGS)
+  xla.set_cpu_defaults()
+  assert os.environ["XLA_FLAGS"].split() == list(xla.CPU_XLA_FLAGS)
 
 
 def test_train_compiler_options_yield_to_the_users_flags(monkeypatch):
-  from compact_vit import profile
-  (option, _), = profile.CPU_TRAIN_COMPILER_OPTIONS.items()
-  monkeypatch.setenv("XLA_FLAGS", " ".join(profile.CPU_XLA_FLAGS))  # the shipped defaults
-  assert profile.train_compiler_options() == profile.CPU_TRAIN_COMPILER_OPTIONS
+  from compact_vit import xla
+  (option, _), = xla.CPU_TRAIN_COMPILER_OPTIONS.items()
+  monkeypatch.setenv("XLA_FLAGS", " ".join(xla.CPU_XLA_FLAGS))  # the shipped defaults
+  assert xla.train_compiler_options() == xla.CPU_TRAIN_COMPILER_OPTIONS
   monkeypatch.setenv("XLA_FLAGS", f"--{option}=individual_dot")  # the user's own choice
-  assert profile.train_compiler_options() == {}
+  assert xla.train_compiler_options() == {}
 
 
 def test_train_compiler_options_give_the_same_gradients_through_ynnpack_reductions():
   """The train-step options route the channel-wise reductions of a conv/BatchNorm/bias gradient to
   YNNPACK; gradients must agree with XLA's own reductions (float32 summation order only)."""
-  from compact_vit import profile
+  from compact_vit import xla
   from compact_vit.nn.layers import ConvNormAct, gelu
   model = ConvNormAct(64, kernel_size=3, groups=64, use_bias=False, act=gelu)  # (a conv bias before
   # BatchNorm has an exactly-zero gradient, which both sides compute only as rounding noise)
@@ -116,7 +116,7 @@ def test_train_compiler_options_give_the_same_gradients_through_ynnpack_reductio
     return jnp.sum(jnp.sin(y) * y)
 
   grad = jax.grad(loss, argnums=(0, 1))
-  options = profile.train_compiler_options()
+  options = xla.train_compiler_options()
   fast = jax.jit(grad, compiler_options=options)
   assert "ynn" in fast.lower(variables["params"], x).compile(options).as_text()
   for a, b in zip(jax.tree.leaves(fast(variables["params"], x)),

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from compact_vit.errors import UserError
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, PatchEmbed, check_input_size,
                                    check_settings, dense, drop_path_rates, gelu, linear_init,

@@ -28,6 +28,10 @@ Blocks, as the authors' dynamic modules:
   Switchable layer scaling: each branch is scaled by `rescale_*[d, N % 8, :C] * 8 / C` (d the
   stage's active depth, N the number of tokens, C the active width), tables of (10, 8, C).
 
+Files: the search space is `nasvit_space.py`; the sandwich rule, gradient projection and the
+α-divergence are `compact_vit/objectives/nasvit.py`; this file holds the blocks, the model,
+weight slicing and BatchNorm recalibration.
+
 Training and evaluation: the sandwich objective resizes the batch per pass (bicubic, as the
 authors' `F.interpolate`) to a resolution of `objective.resolutions`: the largest subnet at the
 largest, the smallest at the smallest, random subnets at a random one (`lax.switch` over the
@@ -49,7 +53,6 @@ downloaded here, so its numbers are not reproduced).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -60,48 +63,12 @@ from flax import linen as nn
 
 from compact_vit.errors import UserError
 from compact_vit.models.registry import register
+from compact_vit.models.nasvit_space import (  # noqa: F401  (Stage, sample_subnet: re-exported)
+    SPACE, TINY_SPACE, Space, Stage, as_arrays, largest, sample_subnet, smallest, subnet_space)
 from compact_vit.nn.layers import (BN_EPS, DropPath, Dtype, check_input_size, check_settings,
-                                   settings_problems)
+                                   dense, depthwise_conv2d, make_divisible, settings_problems)
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """Choices of one stage: widths, depths, kernel sizes, expansion ratios; stride; transformer
-  stage (blocks after the first are transformer blocks); squeeze-excitation in its MBConvs."""
-  widths: tuple[int, ...]
-  depths: tuple[int, ...]
-  kernels: tuple[int, ...]
-  expands: tuple[int, ...]
-  stride: int
-  transformer: bool = False
-  se: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Space:
-  first_conv: tuple[int, ...]
-  stages: tuple[Stage, ...]
-  last_conv: tuple[int, ...]
-  resolutions: tuple[int, ...] = (192, 224, 256, 288)
-
-
-SPACE = Space(
-    first_conv=(16, 24),
-    stages=(Stage((16, 24), (1, 2), (3, 5), (1,), 1),
-            Stage((24, 32), (3, 4, 5), (3, 5), (4, 5, 6), 2),
-            Stage((32, 40), (3, 4, 5, 6), (3,), (4, 5, 6), 2, se=True),
-            Stage((64, 72), (3, 4, 5, 6), (3,), (4, 5, 6), 2, True),
-            Stage((112, 120, 128), (3, 4, 5, 6, 7, 8, 9), (3,), (4, 5, 6), 2, True, True),
-            Stage((160, 168, 176, 184), (3, 4, 5, 6, 7, 8), (3,), (6,), 1, True, True),
-            Stage((208, 216, 224), (3, 4, 5, 6), (3,), (6,), 2, True, True)),
-    last_conv=(1792, 1984))
-# A small space of the same structure for `:quick` and the tests (inputs of 16..32 pixels).
-TINY_SPACE = Space(
-    first_conv=(8, 16),
-    stages=(Stage((8, 16), (1, 2), (3, 5), (1,), 1),
-            Stage((16, 24), (1, 2), (3,), (2, 3), 2, se=True),
-            Stage((24, 32), (2, 3), (3,), (2,), 2, True, True)),
-    last_conv=(32, 48), resolutions=(16, 32))
 HEAD_EXPAND = 6  # final_expand_layer: last stage width x 6
 HEAD_DIM = 8  # q / k head dim; v heads are V_EXPAND x wider
 V_EXPAND = 4
@@ -109,52 +76,20 @@ WINDOW = 18  # the authors' relative-position window (covers every map of the sp
 SE_REDUCTION = 4
 
 
-def make_divisible(v, divisor: int = 8):
-  """The authors' (TF slim) rounding to a multiple of `divisor`, for python ints or int arrays."""
-  if isinstance(v, (int, np.integer)):
-    n = max(1, int(v + divisor // 2) // divisor * divisor)
-    return n + divisor if n < 0.9 * v else n
-  n = jnp.maximum(1, (v + divisor // 2) // divisor * divisor)
-  return jnp.where(n < 0.9 * v, n + divisor, n)
-
-
-def _extreme(space: Space, pick) -> dict[str, Any]:
-  return dict(first_conv=pick(space.first_conv), last_conv=pick(space.last_conv),
-              **{k: tuple(pick(getattr(s, k + "s")) for s in space.stages)
-                 for k in ("width", "depth", "kernel", "expand")})
-
-
-largest = functools.partial(_extreme, pick=max)  # the largest subnet of a space
-smallest = functools.partial(_extreme, pick=min)
-
-
-def sample_subnet(key: jax.Array, space: Space) -> dict[str, jax.Array]:
-  """A uniformly random subnet as int32 arrays (traceable): first_conv, last_conv scalars;
-  width/depth/kernel/expand (num_stages,)."""
-  keys = iter(jax.random.split(key, 2 + 4 * len(space.stages)))
-  pick = lambda choices: jax.random.choice(next(keys), jnp.asarray(choices, jnp.int32))
-  out = {"first_conv": pick(space.first_conv), "last_conv": pick(space.last_conv)}
-  for k in ("width", "depth", "kernel", "expand"):
-    out[k] = jnp.stack([pick(getattr(s, k + "s")) for s in space.stages])
-  return out
-
-
-def as_arrays(subnet: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """A subnet dict (python or traced ints) as int32 arrays, the form `sample_subnet` returns."""
-  return {k: jnp.asarray(v, jnp.int32) for k, v in subnet.items()}
-
-
-def subnet_space(subnet: Mapping[str, Any], space: Space = SPACE) -> Space:
-  """The single-choice space of a subnet (python ints): a standalone model's `space`."""
-  stages = tuple(dataclasses.replace(s, widths=(int(w),), depths=(int(d),), kernels=(int(k),),
-                                     expands=(int(e),))
-                 for s, w, d, k, e in zip(space.stages, subnet["width"], subnet["depth"],
-                                          subnet["kernel"], subnet["expand"]))
-  return Space((int(subnet["first_conv"]),), stages, (int(subnet["last_conv"]),),
-               space.resolutions)
+def _divisible(value):
+  """The authors' make_divisible (divisor 8, min_value 1)."""
+  return make_divisible(value, 8, min_value=1)
 
 
 # ----------------------------------------------------------------------------- masked layers
+
+def active_choice(sub: Mapping[str, jax.Array] | None, key: str, stage: int | None = None):
+  """The supernet's active choice `key` (of `stage`) from a subnet dict of arrays; None for a
+  standalone subnet (sub is None), whose shapes are its choices."""
+  if sub is None:
+    return None
+  return sub[key] if stage is None else sub[key][stage]
+
 
 def _channel_mask(active, size: int, dtype) -> jax.Array | None:
   """(size,) 1 for the first `active` channels; None when nothing is masked (active is None)."""
@@ -223,11 +158,6 @@ def _conv(features, kernel=1, strides=1, name=None, dtype=jnp.float32, bias=Fals
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 
-def _dense(features, name, dtype):
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.initializers.truncated_normal(0.02))
-
-
 class DepthwiseConv(nn.Module):
   """k x k depthwise conv, no bias, padding (k - 1) // 2; `kmask` (k, k, 1, 1) keeps a centred
   smaller kernel. (B, H, W, C) -> (B, H/s, W/s, C)."""
@@ -243,9 +173,8 @@ class DepthwiseConv(nn.Module):
     if kmask is not None:
       kernel = kernel * kmask
     pad = (k - 1) // 2
-    return jax.lax.conv_general_dilated(
-        x, kernel.astype(self.dtype), (self.stride,) * 2, ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    return depthwise_conv2d(x, kernel.astype(self.dtype), (self.stride,) * 2,
+                            ((pad, pad), (pad, pad)))
 
 
 def _fit_channels(x: jax.Array, c: int) -> jax.Array:
@@ -274,11 +203,11 @@ class MBConv(nn.Module):
   @nn.compact
   def __call__(self, x, in_mask, sub, train, active):
     in_max = x.shape[-1]
-    hidden_max = make_divisible(in_max * self.expand_max) if self.expand_max > 1 else in_max
+    hidden_max = _divisible(in_max * self.expand_max) if self.expand_max > 1 else in_max
     hidden_mask = out_mask = kmask = se_mask = None
     if sub is not None:
       c_in, c_out, k, e = sub
-      hidden = make_divisible(c_in * e) if self.expand_max > 1 else c_in
+      hidden = _divisible(c_in * e) if self.expand_max > 1 else c_in
       hidden_mask = _channel_mask(hidden, hidden_max, x.dtype)
       out_mask = _channel_mask(c_out, self.out_max, x.dtype)
       r = jnp.abs(jnp.arange(self.kernel_max) - self.kernel_max // 2) <= k // 2
@@ -291,9 +220,9 @@ class MBConv(nn.Module):
     y = DepthwiseConv(self.kernel_max, self.stride, self.dtype, name="depth_conv")(y, kmask)
     y = nn.swish(bn(name="depth_conv_bn")(y, hidden_mask, train, active))
     if self.se:
-      mid_max = make_divisible(hidden_max // SE_REDUCTION)
+      mid_max = _divisible(hidden_max // SE_REDUCTION)
       if sub is not None:
-        se_mask = _channel_mask(make_divisible(hidden // SE_REDUCTION), mid_max, x.dtype)
+        se_mask = _channel_mask(_divisible(hidden // SE_REDUCTION), mid_max, x.dtype)
       s = y.mean((1, 2), keepdims=True)
       s = nn.relu(_apply_mask(_conv(mid_max, name="se_reduce", dtype=self.dtype, bias=True)(s),
                               se_mask))
@@ -333,31 +262,31 @@ class TransformerBlock(nn.Module):
     width = c if width is None else width
     vmask = None if mask is None else jnp.repeat(mask, V_EXPAND)
     hmask = _channel_mask(None if mask is None else width // HEAD_DIM, heads, x.dtype)
-    dense = functools.partial(_dense, dtype=self.dtype)
+    linear = lambda features, name: dense(features, name, self.dtype, jnp.float32)
     drop = DropPath(self.drop_path_rate)
     table = lambda name: self.param(name, nn.initializers.constant(1e-4), (10, 8, c))
     scale = lambda name: (table(name)[depth, n % 8] * 8.0 / width).astype(self.dtype)
     shortcut = x.reshape(b, n, c)
     y = TokenChannelNorm(self.dtype, name="norm1")(shortcut, mask)
-    q = _apply_mask(dense(c, "q")(y), mask).reshape(b, n, heads, HEAD_DIM)
-    k = _apply_mask(dense(c, "k")(y), mask).reshape(b, n, heads, HEAD_DIM)
-    v = _apply_mask(dense(c * V_EXPAND, "v")(y), vmask).reshape(b, h, w, c * V_EXPAND)
+    q = _apply_mask(linear(c, "q")(y), mask).reshape(b, n, heads, HEAD_DIM)
+    k = _apply_mask(linear(c, "k")(y), mask).reshape(b, n, heads, HEAD_DIM)
+    v = _apply_mask(linear(c * V_EXPAND, "v")(y), vmask).reshape(b, h, w, c * V_EXPAND)
     v = DepthwiseConv(3, dtype=self.dtype, name="vconv")(v).reshape(b, n, heads, -1)
     logits = jnp.einsum("bqhd,bkhd->bqkh", q * HEAD_DIM**-0.5, k).astype(jnp.float32)
     rpb = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                      ((2 * WINDOW - 1) ** 2, heads))
     logits = logits + rpb[jnp.asarray(_relative_index(h, w))]
-    logits = _apply_mask(dense(heads, "proj_l")(_apply_mask(logits, hmask)), hmask)
+    logits = _apply_mask(linear(heads, "proj_l")(_apply_mask(logits, hmask)), hmask)
     attn = jax.nn.softmax(logits, axis=2)
-    attn = _apply_mask(dense(heads, "proj_w")(_apply_mask(attn, hmask)), hmask)
+    attn = _apply_mask(linear(heads, "proj_w")(_apply_mask(attn, hmask)), hmask)
     y = jnp.einsum("bqkh,bkhd->bqhd", attn.astype(v.dtype), v).reshape(b, n, c * V_EXPAND)
-    y = _apply_mask(dense(c, "proj")(nn.swish(y)), mask)
+    y = _apply_mask(linear(c, "proj")(nn.swish(y)), mask)
     x = shortcut + drop(y * scale("rescale_attn"), train)
     mlp_scale = scale("rescale_mlp")  # shared by both MLP branches, as the authors'
     for norm, mlp in (("norm3", "mlp2"), ("norm2", "mlp1")):
       y = TokenChannelNorm(self.dtype, name=norm)(x, mask)
-      y = nn.swish(_apply_mask(dense(c, f"{mlp}_fc1")(y), mask))
-      y = _apply_mask(dense(c, f"{mlp}_fc2")(y), mask)
+      y = nn.swish(_apply_mask(linear(c, f"{mlp}_fc1")(y), mask))
+      y = _apply_mask(linear(c, f"{mlp}_fc2")(y), mask)
       x = x + drop(y * mlp_scale, train)
     return x.reshape(b, h, w, c)
 
@@ -407,31 +336,31 @@ class NASViT(nn.Module):
       raise UserError("`subnet=` selects a subnet of the supernet; this model is a standalone "
                       "subnet already.")
     sub = as_arrays(subnet) if masked else None
-    get = (lambda key, i=None: sub[key] if i is None else sub[key][i]) if masked else (
-        lambda key, i=None: None)
     bn = functools.partial(MaskedBatchNorm, dtype=self.dtype, momentum=self.bn_momentum)
     c0 = max(self.space.first_conv)
-    mask = _channel_mask(get("first_conv"), c0, self.dtype)
+    mask = _channel_mask(active_choice(sub, "first_conv"), c0, self.dtype)
     x = _conv(c0, 3, 2, name="first_conv", dtype=self.dtype)(x.astype(self.dtype))
     x = nn.swish(bn(name="first_conv_bn")(x, mask, train))
-    c_in = get("first_conv")
+    c_in = active_choice(sub, "first_conv")
     n_blocks = sum(max(s.depths) for s in self.space.stages)
     rates = np.linspace(0.0, self.drop_path_rate, n_blocks)
     block = 0
     for si, st in enumerate(self.space.stages):
-      depth = get("depth", si) if masked else max(st.depths)
+      depth = sub["depth"][si] if masked else max(st.depths)
       for bi in range(max(st.depths)):
         name = f"stage{si + 1}_block{bi}"
         active = (bi < depth) if masked else True
         if st.transformer and bi > 0:
-          y = TransformerBlock(float(rates[block]), self.dtype, name=name)(
-              x, mask, get("width", si), depth, train)
+          y = TransformerBlock(drop_path_rate=float(rates[block]), dtype=self.dtype, name=name)(
+              x, mask, width=active_choice(sub, "width", si), depth=depth, train=train)
         else:
-          s = (c_in, get("width", si), get("kernel", si), get("expand", si)) if masked else None
-          y, mask = MBConv(max(st.widths), max(st.kernels), max(st.expands),
-                           st.stride if bi == 0 else 1, st.se, bi == 0, self.dtype,
-                           self.bn_momentum, name=name)(x, mask, s, train, active)
-          c_in = get("width", si)
+          choice = (c_in, sub["width"][si], sub["kernel"][si], sub["expand"][si]) if masked else None
+          y, mask = MBConv(out_max=max(st.widths), kernel_max=max(st.kernels),
+                           expand_max=max(st.expands), stride=st.stride if bi == 0 else 1,
+                           se=st.se, first=bi == 0, dtype=self.dtype,
+                           bn_momentum=self.bn_momentum, name=name)(
+                               x, mask, sub=choice, train=train, active=active)
+          c_in = active_choice(sub, "width", si)
         x = y if bi == 0 or not masked else jnp.where(active, y, x)
         block += 1
     c_head = max(self.space.stages[-1].widths) * HEAD_EXPAND
@@ -441,7 +370,7 @@ class NASViT(nn.Module):
     x = nn.swish(bn(name="final_expand_bn")(x, hmask, train)).mean((1, 2), keepdims=True)
     c_last = max(self.space.last_conv)
     x = _conv(c_last, name="feature_mix", dtype=self.dtype)(x)
-    x = _apply_mask(nn.swish(x), _channel_mask(get("last_conv"), c_last, self.dtype))
+    x = _apply_mask(nn.swish(x), _channel_mask(active_choice(sub, "last_conv"), c_last, self.dtype))
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x.reshape(x.shape[0], c_last))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
 

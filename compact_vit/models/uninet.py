@@ -35,8 +35,8 @@ from flax import linen as nn
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, LayerScale, Mlp, check_input_size,
                                    check_settings, conv_general_dilated, dense,
-                                   dot_product_attention, drop_path_rates, gelu, pool2d,
-                                   settings_problems, to_pair)
+                                   dot_product_attention, drop_path_rates, gelu, make_divisible,
+                                   pool2d, settings_problems, to_pair)
 
 # Variant table: name -> fields of UniNet (the authors' UniNetB0 ... UniNetB5, ECCV version).
 _EXPANSION = (1, 4, 6, 3, 2, 5)
@@ -56,12 +56,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 LN_EPS = 1e-5  # torch's default, as the authors' LayerNorms
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-  """Rounds to the nearest multiple of `divisor`, not below `divisor` nor 10% below `value`."""
-  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-  return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def max_pool(x: jax.Array, stride: int) -> jax.Array:

@@ -325,6 +325,18 @@ class PatchEmbed(nn.Module):
     return x.reshape(x.shape[0], -1, self.embed_dim)
 
 
+def make_divisible(value, divisor: int = 8, min_value: int | None = None):
+  """TF-slim's channel rounding: the nearest multiple of `divisor`, at least `min_value` (default
+  `divisor`), bumped up one `divisor` when rounding lost more than 10%. Python numbers give an
+  int; int arrays (traced widths of a supernet) give an array."""
+  min_value = divisor if min_value is None else min_value
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+  rounded = jnp.maximum(min_value, (value + divisor // 2) // divisor * divisor)
+  return jnp.where(rounded < 0.9 * value, rounded + divisor, rounded)
+
+
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
   """Stochastic depth rates, linear from 0 (first block) to `drop_path_rate` (last), as timm."""
   return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
