@@ -14,6 +14,7 @@ from compact_vit import models, trainer
 from compact_vit.convert import load_pytorch_state_dict
 from compact_vit.errors import UserError
 from compact_vit.models import create_model, efficientformer, efficientformer_v2
+from conftest import our_logits, random_images, rel_err, torch_logits
 from compact_vit.profile import count_macs, count_params, random_variables
 
 torch = pytest.importorskip("torch")
@@ -86,21 +87,8 @@ def shared_timm_224(name):
   return timm_model(name)
 
 
-def timm_logits(model, images):
-  with torch.no_grad():
-    return model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-
-
-def our_logits(name, variables, images, **overrides):
-  return np.asarray(jax.jit(create_model(name, **overrides).apply)(variables, jnp.asarray(images)))
-
-
-def rel_err(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
 def images(size, batch=1, seed=0):
-  return np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32)
+  return random_images(batch, size, seed)
 
 
 def num_timm_params(model):
@@ -118,7 +106,7 @@ def test_logits_params_and_gmacs_at_224(name):
   assert set(variables) == {"params", "batch_stats"}
   assert count_params(variables["params"]) == num_timm_params(tm)
   x = images(224)
-  err = rel_err(our_logits(name, variables, x), timm_logits(tm, x))
+  err = rel_err(our_logits(name, variables, x), torch_logits(tm, x))
   gmacs = count_macs(create_model(name), variables, x.shape) / 1e9
   print(f"{name} @ 224: max relative logits error {err:.2e}; {gmacs:.3f} GMACs "
         f"(reference {GMACS[name]})")
@@ -156,7 +144,7 @@ def test_224_weights_at_another_size_resample_biases_and_match_timm(name, size):
     assert state_dict[key].shape != resized[key].shape
     np.testing.assert_allclose(param_at(variables, key), resized[key].numpy(), atol=1e-5)
   x = images(size)
-  err = rel_err(our_logits(name, variables, x, img_size=size), timm_logits(tm, x))
+  err = rel_err(our_logits(name, variables, x, img_size=size), torch_logits(tm, x))
   print(f"{name} @ {size} (from 224 weights): max relative logits error {err:.2e}")
   assert err < RTOL
 
