@@ -117,7 +117,8 @@ def accumulate(objective_fn: Callable, params: Any, ctx: objectives.StepContext,
 def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, *, model, tx,
                schedule: Callable, base_rng: jax.Array, num_classes: int, aug: Mapping[str, Any],
                distill: Mapping[str, Any], teacher=None, ema_decay: float = 0.0,
-               objective: Mapping[str, Any] | None = None, grad_accum: int = 1):
+               objective: Mapping[str, Any] | None = None, grad_accum: int = 1,
+               steps_per_epoch: float = 1.0):
   """One update. Returns (new state, {'loss', 'lr', 'grad_norm', ...objective metrics}).
 
   Pure; RNG = fold_in(seed key, step). `objective` is config.objective ({'name': ..., options});
@@ -135,7 +136,8 @@ def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, 
   ctx = objectives.StepContext(
       model=model, images=images, targets=targets, rngs={"dropout": k_drop, "sample": k_sample},
       key=k_objective, step=state["step"], batch_stats=state.get("batch_stats"), distill=distill,
-      options=objective, teacher=teacher, teacher_vars=teacher_vars)
+      options=objective, teacher=teacher, teacher_vars=teacher_vars,
+      epoch=state["step"] / steps_per_epoch)
   if grad_accum > 1:
     loss, grads, batch_stats, extra = accumulate(objective_fn, state["params"], ctx, grad_accum)
   else:
@@ -191,13 +193,16 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
   if config.distill.type not in ("none", "soft", "hard"):
     raise UserError(f"config.distill.type={config.distill.type!r}: use none, soft or hard.")
   if config.distill.type != "none":
-    if config.distill.teacher not in names:
-      raise UserError(f"config.distill.teacher={config.distill.teacher!r} is not a registered "
-                      f"model. Available: {', '.join(names)}.")
-    if not config.distill.teacher_init_from:
-      raise UserError("Distillation needs trained teacher weights: set "
-                      "--config.distill.teacher_init_from=DIR (a `python -m compact_vit.convert` "
-                      "output).")
+    names_given = teacher_names(config)
+    unknown = [n for n in names_given if n not in names]
+    if not names_given or unknown:
+      raise UserError(f"config.distill.teacher={config.distill.teacher!r}: {unknown or 'empty'} is "
+                      f"not a registered model. Available: {', '.join(names)}.")
+    dirs = teacher_dirs(config)
+    if len(dirs) != len(names_given) or not all(dirs):
+      raise UserError("Distillation needs trained teacher weights, one per teacher: set "
+                      "--config.distill.teacher_init_from=DIR[,DIR2] (`python -m "
+                      "compact_vit.convert` outputs, comma-separated like config.distill.teacher).")
   if config.dtype not in ("float32", "bfloat16", "float16"):
     raise UserError(f"config.dtype={config.dtype!r}: use float32 or bfloat16.")
   for field in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -250,15 +255,33 @@ def load_init_from(directory: str, abstract_variables: Any) -> dict[str, Any]:
   return variables
 
 
+def teacher_names(config: ml_collections.ConfigDict) -> list[str]:
+  """config.distill.teacher as a list: one registry name, or several comma-separated."""
+  return [n.strip() for n in str(config.distill.teacher or "").split(",") if n.strip()]
+
+
+def teacher_dirs(config: ml_collections.ConfigDict) -> list[str]:
+  """config.distill.teacher_init_from as a list, one directory per teacher."""
+  return [d.strip() for d in str(config.distill.teacher_init_from or "").split(",")]
+
+
 def load_teacher(config: ml_collections.ConfigDict):
-  variables, meta = checkpointing.load_variables(config.distill.teacher_init_from)
-  overrides = dict(meta.get("overrides", {}))
-  overrides.pop("img_size", None)
-  teacher = models.create_model(config.distill.teacher, img_size=config.img_size, **overrides)
-  abstract = jax.eval_shape(lambda: init_variables(teacher, jax.random.key(0), config.img_size))
-  checkpointing.check_tree_matches(abstract, variables,
-                                   f"Teacher checkpoint {config.distill.teacher_init_from}")
-  return teacher, variables
+  """(teacher module, variables) for one teacher, or (tuple of modules, tuple of variables) when
+  config.distill.teacher names several; each checked against its converted checkpoint."""
+  teachers, all_variables = [], []
+  for name, directory in zip(teacher_names(config), teacher_dirs(config)):
+    variables, meta = checkpointing.load_variables(directory)
+    overrides = dict(meta.get("overrides", {}))
+    overrides.pop("img_size", None)
+    teacher = models.create_model(name, img_size=config.img_size, **overrides)
+    abstract = jax.eval_shape(lambda t=teacher: init_variables(t, jax.random.key(0),
+                                                               config.img_size))
+    checkpointing.check_tree_matches(abstract, variables, f"Teacher checkpoint {directory}")
+    teachers.append(teacher)
+    all_variables.append(variables)
+  if len(teachers) == 1:
+    return teachers[0], all_variables[0]
+  return tuple(teachers), tuple(all_variables)
 
 
 def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -268,6 +291,13 @@ def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple
   if total is None:
     total = int(math.ceil(config.total_epochs * steps_per_epoch))
   return steps_per_epoch, int(total)
+
+
+def schedule_steps_per_epoch(config: ml_collections.ConfigDict, total_steps: int) -> float:
+  """Steps per epoch of the recipe's schedule: total_steps / total_epochs. A run shortened (or
+  lengthened) with `total_steps` compresses the recipe's epochs into it, so epoch-based rules
+  (warmup, a projection switch at epoch 100, frozen first epochs) keep their share of the run."""
+  return total_steps / max(float(config.total_epochs), 1e-9)
 
 
 def input_slices(config: ml_collections.ConfigDict) -> tuple[list[int], int]:
@@ -456,7 +486,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           train_step, model=model, tx=tx, schedule=schedule, base_rng=jax.random.key(config.seed),
           num_classes=info.num_classes, aug=config.aug.to_dict(),
           distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay,
-          objective=objective_options(config), grad_accum=grad_accum),
+          objective=objective_options(config), grad_accum=grad_accum,
+          steps_per_epoch=schedule_steps_per_epoch(config, total_steps)),
       donate_argnums=(0,), out_shardings=(state_sh, repl),
       compiler_options=xla.train_compiler_options())
   eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)

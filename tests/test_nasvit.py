@@ -4,6 +4,7 @@ on the authors' key names, gradient projection and the alpha-divergence against 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from compact_vit.convert import load_pytorch_state_dict
@@ -249,3 +250,59 @@ def test_recalibrated_stats_are_mean_of_batch_moments(micro):
                                 old_dw["mean"][8:])  # masked channels untouched
   jax.tree.map(np.testing.assert_array_equal, stats["stage1_block1"],
                old["stage1_block1"])  # inactive block (depth 1 of 2) untouched
+
+
+def _naive_authors_update(g_sub, g_sup, per_tensor, clip):
+  """The authors' gradient for one step, tensor by tensor in NumPy (main.py + misc/constrain_opt):
+  the subnets' gradients accumulate in .grad after the supernet's was set aside, clip_grad_norm_
+  clips them (total norm over every tensor), then second_step adds the supernet's, scaling a
+  conflicting subnet gradient by 1 + clamp(-inner / (1e-6 + |g|^2), 0, 2) after epoch 100."""
+  total = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in g_sub.values()))
+  scale = min(1.0, clip / (total + 1e-6))
+  out = {}
+  for k in g_sub:
+    g = g_sub[k].astype(np.float64) * scale
+    step = 0.0
+    if per_tensor:
+      step = np.clip(-np.sum(g * g_sup[k]) / (1e-6 + np.sum(g * g)), 0.0, 2.0)
+    out[k] = g + g * step + g_sup[k]
+  return out
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_authors_gradient_rule_matches_a_naive_transcription(per_tensor):
+  rng = np.random.default_rng(11)
+  g_sub = {k: rng.standard_normal(s).astype(np.float32) for k, s in (("a", (3, 4)), ("b", (5,)))}
+  g_sup = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in g_sub.items()}
+  g_sup["b"] = -3.0 * g_sub["b"]  # one clearly conflicting tensor
+  clipped, _ = optax.clip_by_global_norm(1.0).update(g_sub, optax.EmptyState())
+  ours = nasvit_rule.combine_authors(clipped, g_sup, jnp.asarray(per_tensor))
+  want = _naive_authors_update(g_sub, g_sup, per_tensor, 1.0)
+  for k in g_sub:  # optax clips by max_norm / norm without torch's 1e-6: float32 rounding only
+    np.testing.assert_allclose(ours[k], want[k], rtol=1e-5, atol=1e-6)
+  if per_tensor:  # the conflicting tensor is scaled up by 1 + 2, the clamp's maximum
+    np.testing.assert_allclose(ours["b"] - g_sup["b"], 3.0 * clipped["b"], rtol=1e-5)
+
+
+def test_teacher_targets_average_the_sharpened_teachers():
+  """The largest subnet's targets: mean over teachers of softmax(5 * logits) (NumPy)."""
+  from compact_vit import objectives
+
+  class Fixed:  # a stand-in teacher module: returns fixed logits
+    def __init__(self, logits):
+      self.logits = logits
+
+    def apply(self, variables, images, train=False):
+      del variables, images, train
+      return jnp.asarray(self.logits)
+
+  rng = np.random.default_rng(12)
+  t1, t2 = (rng.standard_normal((2, 6)).astype(np.float32) for _ in range(2))
+  ctx = objectives.StepContext(model=None, images=np.zeros((2, 4, 4, 3), np.float32),
+                               targets=None, rngs={}, key=None, step=0, batch_stats=None,
+                               distill={}, options={}, teacher=(Fixed(t1), Fixed(t2)),
+                               teacher_vars=({}, {}))
+  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
+      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  want = (softmax(5.0 * t1.astype(np.float64)) + softmax(5.0 * t2.astype(np.float64))) / 2
+  np.testing.assert_allclose(nasvit_rule.teacher_targets(ctx, 5.0), want, rtol=1e-5, atol=1e-7)

@@ -19,7 +19,10 @@ class StepContext:
   """Everything an objective sees in one step (all traced arrays, inside jit).
 
   images: (B, H, W, 3) after mixup/cutmix; targets: (B, num_classes) soft labels; rngs: the model's
-  'dropout' and 'sample' streams; key: a further key for the objective's own sampling (subnets).
+  'dropout' and 'sample' streams; key: a further key for the objective's own sampling (subnets);
+  epoch: the (fractional) epoch of this step, for rules that change with training progress.
+  teacher / teacher_vars: one frozen teacher model and its variables, or tuples of several
+  (config.distill.teacher lists them, comma-separated).
   """
   model: Any
   images: jax.Array
@@ -32,6 +35,7 @@ class StepContext:
   options: Mapping[str, Any]
   teacher: Any = None
   teacher_vars: Any = None
+  epoch: Any = 0.0
 
   def apply(self, params, images=None, **kwargs):
     """Training-mode forward pass -> (outputs, new_batch_stats); kwargs go to the model."""
@@ -44,10 +48,21 @@ class StepContext:
                                      mutable=["batch_stats"], **kwargs)
     return out, new_vars["batch_stats"]
 
-  def teacher_logits(self, images=None, **kwargs):
-    """The frozen teacher's eval-mode output (stop-gradient), or None without a teacher."""
+  def all_teacher_logits(self, images=None, **kwargs) -> list[jax.Array]:
+    """Every frozen teacher's eval-mode logits (stop-gradient), in config order; [] without."""
     if self.teacher is None:
-      return None
+      return []
     images = self.images if images is None else images
-    return jax.lax.stop_gradient(self.teacher.apply(self.teacher_vars, images, train=False,
-                                                    **kwargs))
+    teachers, variables = self.teacher, self.teacher_vars
+    if not isinstance(teachers, (tuple, list)):
+      teachers, variables = (teachers,), (variables,)
+    return [jax.lax.stop_gradient(t.apply(v, images, train=False, **kwargs))
+            for t, v in zip(teachers, variables)]
+
+  def teacher_logits(self, images=None, **kwargs):
+    """The frozen teacher's eval-mode logits (stop-gradient), None without a teacher; with
+    several teachers, the mean of their logits."""
+    logits = self.all_teacher_logits(images, **kwargs)
+    if not logits:
+      return None
+    return logits[0] if len(logits) == 1 else sum(logits) / len(logits)
