@@ -1,6 +1,7 @@
-"""`python -m compact_vit.convert --model NAME --checkpoint FILE --out DIR`: converts a PyTorch
-checkpoint (.pth/.pt/.bin, .safetensors, .npz in timm naming) into a directory that
-`compact_vit.checkpointing.load_variables` reads (and `config.init_from`, `eval.py`)."""
+"""`python -m compact_vit.convert --model NAME [--checkpoint FILE|hf-hub:OWNER/NAME] --out DIR`:
+converts a PyTorch checkpoint (.pth/.pt/.bin, .safetensors, .npz in timm naming; or one on the
+Hugging Face Hub, downloaded into its cache; by default the model's published weights) into a
+directory that `compact_vit.checkpointing.load_variables` reads (and `config.init_from`, `eval.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,8 @@ import sys
 
 from compact_vit.checkpointing import save_variables
 from compact_vit.convert import load_pytorch_state_dict, read_state_dict
+from compact_vit.convert.hub import checkpoint_file
+from compact_vit.convert.published import default_spec
 from compact_vit.errors import UserError
 from compact_vit.profile import count_params
 
@@ -16,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the exit status (errors: one line on stderr, status 1)."""
   parser = argparse.ArgumentParser(prog="python -m compact_vit.convert", description=__doc__)
   parser.add_argument("--model", required=True, help="registered model name")
-  parser.add_argument("--checkpoint", required=True, help=".pth/.pt/.bin, .safetensors or .npz")
+  parser.add_argument("--checkpoint", help=".pth/.pt/.bin, .safetensors or .npz file, or "
+                      "hf-hub:OWNER/NAME[/FILE][@REVISION] (default: the model's published "
+                      "weights)")
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--num-classes", type=int, help="override the model's num_classes")
   parser.add_argument("--img-size", type=int, help="override img_size (resamples pos_embed)")
@@ -26,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
   overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size))
                if v is not None}
   try:
-    state_dict = read_state_dict(args.checkpoint)
+    checkpoint = args.checkpoint or default_spec(args.model)
+    state_dict = read_state_dict(checkpoint_file(checkpoint))
     variables = load_pytorch_state_dict(args.model, state_dict, drop_head=args.drop_head,
                                         **overrides)
     out = save_variables(args.out, variables, args.model, overrides)
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   num_params = count_params(variables["params"])
-  print(f"Converted {args.model} ({num_params:,} parameters) from {args.checkpoint} to {out}"
+  print(f"Converted {args.model} ({num_params:,} parameters) from {checkpoint} to {out}"
         + (f" with {overrides}" if overrides else "") + (", head reinitialised" if args.drop_head
                                                           else ""))
   return 0
