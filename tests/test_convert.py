@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,9 +11,9 @@ from compact_vit.checkpointing import load_variables
 from compact_vit.convert import load_pytorch_state_dict
 from compact_vit.convert.__main__ import main as convert_main
 from compact_vit.errors import UserError
-from compact_vit.models import create_model
 from compact_vit.models.vit import VARIANTS
 from compact_vit.profile import count_params
+from conftest import our_logits, random_images, rel_err, torch_logits
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -46,31 +44,13 @@ def random_timm(name, seed=0, **kwargs):
   return model.eval(), state_dict
 
 
-def timm_logits(model, images):
-  with torch.no_grad():
-    return model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-
-
-def our_logits(name, variables, images, **overrides):
-  model = create_model(name, **overrides)
-  return np.asarray(jax.jit(model.apply)(variables, jnp.asarray(images)))
-
-
-def rel_err(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def images(batch, size, seed=0):
-  return np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32)
-
-
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_logits_match_timm(name):
   tm, state_dict = random_timm(name)
   variables = load_pytorch_state_dict(name, state_dict)  # torch tensors accepted as values
   assert count_params(variables["params"]) == sum(p.numel() for p in tm.parameters())
-  x = images(1, 224)
-  err = rel_err(our_logits(name, variables, x), timm_logits(tm, x))
+  x = random_images(1, 224)
+  err = rel_err(our_logits(name, variables, x), torch_logits(tm, x))
   print(f"{name}: max relative logits error {err:.2e}")
   assert err < RTOL
 
@@ -86,8 +66,8 @@ def test_pos_embed_resampling_matches_timm(name, size):
   variables = load_pytorch_state_dict(name, state_dict, img_size=size)
   np.testing.assert_allclose(variables["params"]["pos_embed"], tm.pos_embed.detach().numpy(),
                              atol=1e-6)
-  x = images(1, size)
-  err = rel_err(our_logits(name, variables, x, img_size=size), timm_logits(tm, x))
+  x = random_images(1, size)
+  err = rel_err(our_logits(name, variables, x, img_size=size), torch_logits(tm, x))
   print(f"{name} @ {size}: max relative logits error {err:.2e}")
   assert err < RTOL
 
@@ -96,9 +76,9 @@ def test_layer_scale_and_avg_pool_match_timm():
   overrides = dict(depth=2, init_values=0.1, global_pool="avg", img_size=64)
   tm, state_dict = random_timm("vit_tiny_patch16_224", **overrides)
   variables = load_pytorch_state_dict("vit_tiny_patch16_224", state_dict, **overrides)
-  x = images(2, 64)
+  x = random_images(2, 64)
   assert rel_err(our_logits("vit_tiny_patch16_224", variables, x, **overrides),
-                 timm_logits(tm, x)) < RTOL
+                 torch_logits(tm, x)) < RTOL
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +134,9 @@ def test_cli_round_trip_safetensors(tmp_path):
   assert convert_main(["--model", "deit_tiny_patch16_224", "--checkpoint", path, "--out", out]) == 0
   variables, meta = load_variables(out)
   assert meta == {"model": "deit_tiny_patch16_224", "overrides": {}}
-  x = images(2, 224)
+  x = random_images(2, 224)
   assert rel_err(our_logits(meta["model"], variables, x, **meta["overrides"]),
-                 timm_logits(tm, x)) < RTOL
+                 torch_logits(tm, x)) < RTOL
 
 
 def test_cli_wrapped_pth_with_img_size(tmp_path):
@@ -170,9 +150,9 @@ def test_cli_wrapped_pth_with_img_size(tmp_path):
   assert meta["overrides"] == {"img_size": 160}
   tm = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=160).eval()
   tm.load_state_dict(checkpoint_filter_fn(state_dict, tm))
-  x = images(1, 160)
+  x = random_images(1, 160)
   assert rel_err(our_logits(meta["model"], variables, x, **meta["overrides"]),
-                 timm_logits(tm, x)) < RTOL
+                 torch_logits(tm, x)) < RTOL
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -28,7 +28,8 @@ from compact_vit.errors import UserError
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from safetensors.torch import save as safetensors_bytes  # noqa: E402
-from test_convert import RTOL, images, random_timm, rel_err, timm_logits  # noqa: E402
+from conftest import random_images, rel_err, torch_logits  # noqa: E402
+from test_convert import RTOL, random_timm  # noqa: E402
 
 REPO = "timm/deit_tiny_patch16_224.fb_in1k"
 SPEC = "hf-hub:" + REPO
@@ -113,8 +114,8 @@ def test_hub_cache_loads_offline_and_converts_once(offline_hub, tiny_timm, monke
   model, variables = compact_vit.create_model("deit_tiny_patch16_224", pretrained=True, **TINY)
   assert downloads == [(REPO, "model.safetensors")]  # the default name, through huggingface_hub
   assert offline_hub.conversions == ["deit_tiny_patch16_224"]
-  x = images(2, 32)
-  err = rel_err(logits(model, variables, x), timm_logits(tm, x))
+  x = random_images(2, 32)
+  err = rel_err(logits(model, variables, x), torch_logits(tm, x))
   print(f"hub DeiT-Ti (2 blocks, 32 px): max relative logits error {err:.2e}")
   assert err < RTOL
 
