@@ -17,11 +17,24 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(targets * logp, axis=-1))
 
 
-def kl_distillation(student_logits: jax.Array, teacher_logits: jax.Array, tau: float) -> jax.Array:
-  """DeiT's soft distillation: KL(softmax(t/τ) ‖ softmax(s/τ)) · τ², averaged over the batch."""
+def _kl_sum(student_logits: jax.Array, teacher_logits: jax.Array, tau: float) -> jax.Array:
+  """Σ over batch and classes of KL(softmax(t/τ) ‖ softmax(s/τ)), in float32."""
   s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
   t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / tau, axis=-1)
-  return jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1)) * tau * tau
+  return jnp.sum(jnp.exp(t) * (t - s))
+
+
+def kl_distillation(student_logits: jax.Array, teacher_logits: jax.Array, tau: float) -> jax.Array:
+  """DeiT's soft distillation (facebookresearch/deit losses.py, distillation_type='soft'):
+  KL(softmax(t/τ) ‖ softmax(s/τ)) summed, times τ², divided by the number of logits B·C
+  (`outputs_kd.numel()`), not by the batch alone."""
+  return _kl_sum(student_logits, teacher_logits, tau) * (tau * tau) / student_logits.size
+
+
+def kl_batchmean(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """DynamicViT's logit distillation (raoyongming/DynamicViT losses.py): KL(softmax(t) ‖
+  softmax(s)) summed over classes and averaged over the batch (torch's reduction='batchmean')."""
+  return _kl_sum(student_logits, teacher_logits, 1.0) / student_logits.shape[0]
 
 
 def _cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array):

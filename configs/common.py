@@ -98,7 +98,11 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.optim.warmup_epochs = 5.0
   c.optim.warmup_lr = 1e-6
   c.optim.min_lr = 1e-5
-  c.optim.grad_clip_norm = 0.0  # 0 = off (DeiT does not clip)
+  c.optim.lr_schedule_unit = "epoch"  # timm's cosine stepped per epoch (DeiT); "step": per step
+  c.optim.lr_epoch_lag = 1  # epoch e at the scheduler's e-1: DeiT calls step(epoch) after it
+  c.optim.cooldown_epochs = 0  # last epochs held at min_lr; total_epochs includes them
+  c.optim.grad_clip_mode = "none"  # none | norm (global norm) | agc (timm's unit-wise AGC)
+  c.optim.grad_clip_value = 0.0  # max norm, or AGC's clip factor; 0 = off (DeiT does not clip)
   c.optim.no_decay = ("cls_token", "dist_token", "pos_embed")  # plus every 1-D parameter
   c.ema_decay = 0.0  # 0 = off; e.g. 0.99996 as DeiT's optional model EMA
 
@@ -161,7 +165,8 @@ def sepvit_recipe(model_name: str, *, drop_path_rate: float) -> ml_collections.C
   window tokens are decayed there too.
   """
   c = deit_recipe(model_name, drop_path_rate=drop_path_rate)
-  c.optim.grad_clip_norm = 5.0
+  c.optim.grad_clip_mode = "norm"
+  c.optim.grad_clip_value = 5.0
   c.optim.no_decay = ()
   return c
 

@@ -25,14 +25,28 @@ def test_soft_cross_entropy_equals_naive():
   np.testing.assert_allclose(losses.soft_cross_entropy(logits, targets), expected, rtol=1e-5)
 
 
-def test_kl_distillation_equals_naive():
+def test_kl_distillation_is_deits_soft_loss():
+  """DeiT's losses.py ('soft'): KL summed, x tau^2, / outputs_kd.numel() = batch x classes."""
+  torch = pytest.importorskip("torch")
   rng = np.random.default_rng(1)
-  s, t = rng.normal(size=(2, 2, 6)).astype(np.float32)
+  s, t = rng.normal(size=(2, 4, 6)).astype(np.float32) * 3
   tau = 2.0
-  ps = np.exp(s / tau) / np.exp(s / tau).sum(-1, keepdims=True)
-  pt = np.exp(t / tau) / np.exp(t / tau).sum(-1, keepdims=True)
-  expected = (pt * (np.log(pt) - np.log(ps))).sum(-1).mean() * tau * tau
+  kl_sum = torch.nn.functional.kl_div(
+      torch.log_softmax(torch.from_numpy(s) / tau, dim=1),
+      torch.log_softmax(torch.from_numpy(t) / tau, dim=1), reduction="sum", log_target=True)
+  expected = float(kl_sum) * tau * tau / s.size
   np.testing.assert_allclose(losses.kl_distillation(s, t, tau), expected, rtol=1e-5)
+
+
+def test_kl_batchmean_is_dynamicvits_kl():
+  """DynamicViT's losses.py: F.kl_div(..., reduction='batchmean', log_target=True), no tau."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(2)
+  s, t = rng.normal(size=(2, 4, 6)).astype(np.float32) * 3
+  expected = torch.nn.functional.kl_div(
+      torch.log_softmax(torch.from_numpy(s), dim=-1), torch.log_softmax(torch.from_numpy(t), dim=-1),
+      reduction="batchmean", log_target=True)
+  np.testing.assert_allclose(losses.kl_batchmean(s, t), float(expected), rtol=1e-5)
 
 
 def test_mixup_cutmix_off_returns_smoothed_targets():
@@ -79,6 +93,13 @@ def test_weight_decay_mask_skips_biases_norms_and_tokens():
   assert not mask["blocks_0"]["mlp"]["fc1"]["bias"]
   assert not mask["blocks_0"]["norm1"]["scale"]
   assert not mask["cls_token"] and not mask["pos_embed"]
+
+
+def test_weight_decay_mask_skips_every_bias_as_timm():
+  """timm's groups exempt names ending in '.bias' whatever their rank (a 2-D bias here)."""
+  params = {"attn": {"qkv": {"kernel": jnp.zeros((4, 3, 8)), "bias": jnp.zeros((3, 8))}}}
+  mask = optim.weight_decay_mask(params, ())
+  assert mask["attn"]["qkv"]["kernel"] and not mask["attn"]["qkv"]["bias"]
 
 
 def test_learning_rate_schedule_warmup_then_cosine():
