@@ -39,11 +39,13 @@ import optax
 from compact_vit.errors import UserError
 
 SCHEDULE_UNITS = ("epoch", "step")
+SCHEDULES = ("cosine", "constant")
 CLIP_MODES = ("none", "norm", "agc")
 AGC_EPS = 1e-3  # timm's adaptive_clip_grad default: the floor of a unit's parameter norm
 # Values of the newer optim fields for a config that lacks them: the per-step curve, no clipping.
 DEFAULTS = {"lr_schedule_unit": "step", "lr_epoch_lag": 1, "cooldown_epochs": 0,
-            "grad_clip_mode": "none", "grad_clip_value": 0.0}
+            "grad_clip_mode": "none", "grad_clip_value": 0.0, "lr_schedule": "cosine",
+            "warmup_prefix": True, "lr_scales": ()}
 
 
 def _get(optim_cfg, field: str):
@@ -61,6 +63,13 @@ def check_config(optim_cfg: Mapping[str, Any]) -> None:
   if unit not in SCHEDULE_UNITS:
     raise UserError(f"config.optim.lr_schedule_unit={unit!r}: use 'epoch' (the authors' timm "
                     "scheduler, stepped per epoch) or 'step'.")
+  if _get(optim_cfg, "lr_schedule") not in SCHEDULES:
+    raise UserError(f"config.optim.lr_schedule={_get(optim_cfg, 'lr_schedule')!r}: use 'cosine' or "
+                    "'constant' (timm's --sched none: the peak lr throughout).")
+  for rule in _get(optim_cfg, "lr_scales"):
+    if len(rule) not in (2, 3):
+      raise UserError(f"config.optim.lr_scales rule {tuple(rule)} must be (regex, scale) or "
+                      "(regex, scale, from_epoch).")
   mode = _get(optim_cfg, "grad_clip_mode")
   if mode not in CLIP_MODES:
     raise UserError(f"config.optim.grad_clip_mode={mode!r}: use none, norm or agc.")
@@ -109,6 +118,19 @@ def create_learning_rate_fn(*, base_lr: float, warmup_steps: int, total_steps: i
     return cosine
   warmup = optax.linear_schedule(warmup_lr, base_lr, warmup_steps)
   return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+def timm_step_schedule(*, base_lr: float, warmup_steps: int, total_steps: int, warmup_lr: float,
+                       min_lr: float) -> optax.Schedule:
+  """timm's `CosineLRScheduler` with `t_in_epochs=False` and warmup not a prefix (Swin-derived
+  scripts such as NASViT's lr_scheduler.py): `timm_cosine_lr` evaluated at every step, the cosine
+  measured from step 0 over `total_steps`."""
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    warm = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_steps, 1)
+    cosine = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+    return jnp.where(t < warmup_steps, warm, jnp.where(t < total_steps, cosine, min_lr))
+  return schedule
 
 
 def timm_cosine_lr(t: int, *, base_lr: float, t_initial: int, warmup_t: float, warmup_lr: float,
@@ -167,8 +189,15 @@ def create_schedule(optim_cfg, *, batch_size: int, steps_per_epoch: int, total_s
   """schedule(step) -> the learning rate of the update at `step` (0-based), jit-friendly."""
   check_config(optim_cfg)
   base_lr = peak_lr(optim_cfg, batch_size)
+  if _get(optim_cfg, "lr_schedule") == "constant":
+    return optax.constant_schedule(base_lr)
   if _get(optim_cfg, "lr_schedule_unit") == "step":
     cooldown = int(round(_get(optim_cfg, "cooldown_epochs") * steps_per_epoch))
+    if not _get(optim_cfg, "warmup_prefix"):
+      return timm_step_schedule(
+          base_lr=base_lr, warmup_steps=int(optim_cfg.warmup_epochs * steps_per_epoch),
+          total_steps=max(total_steps - cooldown, 1), warmup_lr=optim_cfg.warmup_lr,
+          min_lr=optim_cfg.min_lr)
     return create_learning_rate_fn(
         base_lr=base_lr, warmup_steps=int(round(optim_cfg.warmup_epochs * steps_per_epoch)),
         total_steps=max(total_steps - cooldown, 1), warmup_lr=optim_cfg.warmup_lr,
@@ -186,6 +215,9 @@ def lr_at_epochs(optim_cfg, *, batch_size: int, total_epochs: int,
   The "step" unit needs `steps_per_epoch` (its curve moves within an epoch).
   """
   check_config(optim_cfg)
+  if _get(optim_cfg, "lr_schedule") == "constant":
+    return {str(e): float(peak_lr(optim_cfg, batch_size)) for e in range(int(math.ceil(
+        total_epochs)))}
   if _get(optim_cfg, "lr_schedule_unit") == "epoch":
     lrs = epoch_learning_rates(optim_cfg, batch_size=batch_size, total_epochs=total_epochs)
     return {str(e): float(lr) for e, lr in enumerate(lrs)}
@@ -204,6 +236,8 @@ def schedule_summary(optim_cfg, *, batch_size: int, steps_per_epoch: int, total_
   check_config(optim_cfg)
   cooldown = _get(optim_cfg, "cooldown_epochs")
   peak = f"{optim_cfg.warmup_lr:g} -> {peak_lr(optim_cfg, batch_size):g}"
+  if _get(optim_cfg, "lr_schedule") == "constant":
+    return f"lr constant at {peak_lr(optim_cfg, batch_size):g} for {total_steps} steps."
   if _get(optim_cfg, "lr_schedule_unit") == "step":
     warmup = min(int(round(optim_cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
     line = (f"lr per step: warmup {warmup} steps {peak}, cosine to {optim_cfg.min_lr:g} over "
@@ -246,21 +280,42 @@ def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
 
-def scale_by_path(rules: tuple[tuple[str, float], ...]) -> optax.GradientTransformation:
-  """Multiplies each parameter's update by the scale of the first `(regex, scale)` rule whose regex
-  matches its path ('blocks_0/attn/qkv/kernel'); 1 where none does. Placed after AdamW this is a
-  per-parameter learning-rate multiplier (weight decay included, as torch parameter groups)."""
-  patterns = [(re.compile(r), float(scale)) for r, scale in rules]
+def scale_by_path(rules, steps_per_epoch: float = 1.0) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by the scale of the first rule whose regex matches its
+  path ('blocks_0/attn/qkv/kernel'); 1 where none does. A rule is `(regex, scale)` or
+  `(regex, scale, from_epoch)`: with `from_epoch` the scale is 0 before that epoch (epoch =
+  update count / `steps_per_epoch`), as DynamicViT's `fix_step` holds its backbone at lr 0 for 5
+  epochs. Placed after AdamW this is a per-parameter learning-rate multiplier (weight decay
+  included, as torch parameter groups; AdamW's moments still accumulate while the scale is 0, as
+  torch's at lr 0)."""
+  patterns = [(re.compile(rule[0]), float(rule[1]), float(rule[2]) if len(rule) > 2 else 0.0)
+              for rule in rules]
+  timed = any(start > 0 for _, _, start in patterns)
 
-  def scale_of(path) -> float:
+  def rule_of(path) -> tuple[float, float]:
     name = "/".join(_path_names(path))
-    return next((scale for pattern, scale in patterns if pattern.search(name)), 1.0)
+    return next(((scale, start) for pattern, scale, start in patterns if pattern.search(name)),
+                (1.0, 0.0))
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)) if timed else (
+        optax.EmptyState())
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map_with_path(lambda p, u: u * scale_of(p), updates), state
+    epoch = state.count / steps_per_epoch if timed else 0.0
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    def scale(path, update):
+      factor, start = rule_of(path)
+      if start > 0:
+        factor = jnp.where(epoch >= start, factor, 0.0)
+      return update * factor
+
+    new_state = optax.ScaleByScheduleState(count=state.count + 1) if timed else state
+    return jax.tree_util.tree_map_with_path(scale, updates), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def unit_axes(path, ndim: int) -> tuple[int, ...]:
@@ -313,7 +368,8 @@ def create_optimizer(optim_cfg, *, batch_size: int, steps_per_epoch: int, total_
   `total_epochs`: the recipe's epochs (config.total_epochs); when `total_steps` differs from
   total_epochs × steps_per_epoch, the per-epoch schedule is compressed to `total_steps`. Without
   it the run is taken to last the epochs `total_steps` spans (no rescaling).
-  `optim_cfg.lr_scales` (optional): ((regex, scale), ...) per-parameter learning-rate multipliers.
+  `optim_cfg.lr_scales` (optional): ((regex, scale[, from_epoch]), ...) per-parameter learning-rate
+  multipliers (`scale_by_path`); their epochs follow the schedule's (compressed with it).
   """
   schedule = create_schedule(optim_cfg, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                              total_steps=total_steps, total_epochs=total_epochs)
@@ -328,7 +384,8 @@ def create_optimizer(optim_cfg, *, batch_size: int, steps_per_epoch: int, total_
   elif mode == "agc" and value > 0:
     parts.append(adaptive_grad_clip(value))
   parts.append(adamw)
-  lr_scales = tuple(tuple(rule) for rule in optim_cfg.get("lr_scales", ()))
+  lr_scales = tuple(tuple(rule) for rule in _get(optim_cfg, "lr_scales"))
   if lr_scales:
-    parts.append(scale_by_path(lr_scales))
+    epochs = total_epochs if total_epochs else total_steps / steps_per_epoch
+    parts.append(scale_by_path(lr_scales, steps_per_epoch=total_steps / epochs))
   return optax.chain(*parts), schedule

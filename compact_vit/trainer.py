@@ -221,6 +221,7 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
                     "the model's blocks `nn.remat` behind a `remat` field as VisionTransformer "
                     "does.")
   objectives.get(objective_options(config)["name"])
+  optim.check_config(config.optim)
 
 
 def objective_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -446,7 +447,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Model, optimizer, state shapes.
   model = create_model(config, info.num_classes)
   tx, schedule = optim.create_optimizer(config.optim, batch_size=config.batch_size,
-                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                        total_epochs=config.total_epochs)
+  log(optim.schedule_summary(config.optim, batch_size=config.batch_size,
+                             steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                             total_epochs=config.total_epochs))
   use_ema = config.ema_decay > 0
   init_fn = functools.partial(create_train_state, model, tx, img_size=config.img_size,
                               use_ema=use_ema)

@@ -217,3 +217,50 @@ def test_unit_axes_follow_torch_layout():
   assert optim.unit_axes(key("attn", "attention_biases"), 2) == (1,)
   assert optim.unit_axes(key("pos_embed"), 3) == (1, 2)
   assert optim.unit_axes(key("norm", "scale"), 1) == (0,)
+
+
+def test_per_step_schedule_without_warmup_prefix_equals_timm_stepped_per_update():
+  """NASViT's scheduler (Swin's build_scheduler): timm's CosineLRScheduler over steps,
+  t_in_epochs=False, warmup not a prefix; our value at step s equals timm's `_get_lr(s)`."""
+  from timm.scheduler import CosineLRScheduler  # pylint: disable=import-outside-toplevel
+  c = optim_config(lr=3e-4, lr_base_batch=512, lr_schedule_unit="step", warmup_prefix=False,
+                   warmup_epochs=2, warmup_lr=5e-7, min_lr=5e-6, cooldown_epochs=0)
+  steps_per_epoch, total = 7, 70
+  schedule = optim.create_schedule(c, batch_size=1024, steps_per_epoch=steps_per_epoch,
+                                   total_steps=total, total_epochs=10)
+  opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=6e-4)
+  timm_sched = CosineLRScheduler(opt, t_initial=total, lr_min=5e-6, warmup_lr_init=5e-7,
+                                 warmup_t=2 * steps_per_epoch, cycle_limit=1, t_in_epochs=False)
+  want = [timm_sched._get_lr(s)[0] for s in range(total + 3)]  # pylint: disable=protected-access
+  got = [float(schedule(s)) for s in range(total + 3)]  # float32: cos near pi loses ~1e-7 of peak
+  np.testing.assert_allclose(got, want, rtol=LR_RTOL, atol=1e-7 * 6e-4)
+
+
+def test_constant_schedule_is_the_scaled_peak():
+  c = optim_config(lr=5e-4, lr_base_batch=512, lr_schedule="constant")
+  schedule = optim.create_schedule(c, batch_size=1024, steps_per_epoch=10, total_steps=100,
+                                   total_epochs=10)
+  assert {float(schedule(s)) for s in (0, 5, 99)} == {1e-3}
+  assert set(optim.lr_at_epochs(c, batch_size=1024, total_epochs=10).values()) == {1e-3}
+
+
+def test_lr_scale_from_epoch_holds_updates_at_zero_while_adam_moments_accumulate():
+  """DynamicViT's fix_step: a (regex, scale, from_epoch) rule gives zero updates before the epoch
+  and `scale` x the AdamW update after; AdamW's moments still see every gradient, as torch's
+  optimizer at lr 0 (compared with AdamW run without the rule on the same gradients)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  params = {"backbone": {"kernel": jnp.ones((2, 3))}, "score_predictor": {"bias": jnp.ones((3,))}}
+  rules = (("^(?!score_predictor)", 0.01, 2),)
+  scaled = optax.chain(optax.adamw(1e-2), optim.scale_by_path(rules, steps_per_epoch=3))
+  plain = optax.adamw(1e-2)
+  state_s, state_p = scaled.init(params), plain.init(params)
+  rng = np.random.default_rng(0)
+  for step in range(9):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    upd_s, state_s = scaled.update(grads, state_s, params)
+    upd_p, state_p = plain.update(grads, state_p, params)
+    factor = 0.0 if step < 6 else 0.01  # epochs 0 and 1 frozen (3 steps per epoch)
+    np.testing.assert_allclose(upd_s["backbone"]["kernel"], factor * upd_p["backbone"]["kernel"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(upd_s["score_predictor"]["bias"],
+                               upd_p["score_predictor"]["bias"], rtol=1e-6)

@@ -42,7 +42,7 @@ def dynamicvit(params, ctx: StepContext):
              "ratio_loss": losses.keep_ratio_mse(keeps, targets)}
     loss = terms["cls_loss"] + ratio_weight * terms["ratio_loss"]
     if teacher_logits is not None:
-      terms["kl_loss"] = losses.kl_distillation(logits, teacher_logits, 1.0)
+      terms["kl_loss"] = losses.kl_batchmean(logits, teacher_logits)
       terms["token_loss"] = losses.kept_token_mse(inter["features"][0][:, 1:], teacher_tokens,
                                                   jax.lax.stop_gradient(keeps[-1]))
       loss = loss + distill_weight * (terms["kl_loss"] + terms["token_loss"])

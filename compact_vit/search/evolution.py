@@ -13,7 +13,6 @@ resumes exactly.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from compact_vit import checkpointing, optim, trainer
+from compact_vit import checkpointing, trainer
 from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import autoformer
@@ -45,21 +44,19 @@ def limits_of(config: ml_collections.ConfigDict) -> space_lib.Limits:
 
 
 def load_supernet_params(config: ml_collections.ConfigDict, model, directory: str) -> Any:
-  """Parameters of the latest train.py checkpoint in `directory` (its checkpoints/ folder)."""
-  from compact_vit.data import pipeline
+  """Parameters (the EMA copy when the run kept one) of the latest train.py checkpoint in
+  `directory` (its checkpoints/ folder); the optimizer state is not read."""
   ckpt = checkpointing.TrainCheckpointer(os.path.join(directory, "checkpoints"), keep=1000)
   if ckpt.latest_step() is None:
     raise UserError(f"No supernet checkpoint under {directory}/checkpoints; train it with "
                     "python train.py --config configs/autoformer_<size>_supernet.py --workdir "
                     f"{directory}.")
-  info = pipeline.get_info(config.dataset)
-  steps_per_epoch, total_steps = trainer.schedule_lengths(config, info.num_train)
-  tx, _ = optim.create_optimizer(config.optim, batch_size=config.batch_size,
-                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  abstract = jax.eval_shape(functools.partial(
-      trainer.create_train_state, model, tx, img_size=config.img_size,
-      use_ema=config.ema_decay > 0), jax.random.key(0))
-  state = ckpt.restore(abstract)
+  abstract = jax.eval_shape(
+      lambda: trainer.init_variables(model, jax.random.key(0), config.img_size))
+  wanted = {"params": abstract["params"]}
+  if config.ema_decay > 0:
+    wanted["ema_params"] = abstract["params"]
+  state = ckpt.restore_subtree(wanted)
   print(f"Loaded supernet step {ckpt.latest_step()} from {ckpt.directory}.", flush=True)
   return state["ema_params"] if "ema_params" in state else state["params"]
 
