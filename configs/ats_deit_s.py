@@ -25,6 +25,9 @@ from configs import token_reduction_common as trc
 def get_config(arg=None):
   args = trc.common.parse_arg(arg, quick=False)
   c = trc.finetune_recipe("ats_deit_s", drop_path_rate=0.1)
+  trc.common.cite(c, eval="adaptivetokensampling/ATS libs/datasets/imagenet.py: "
+                          "Resize(int(256 / 224 * 224)) + CenterCrop(224); the authors release "
+                          "evaluation only (configs/ImageNet/DeiT_S.yaml: TRAIN.ENABLE False)")
   if args.quick:
     trc.make_quick(c, ats_blocks=(1, 2), num_tokens=(13, 9))
   return c

@@ -10,6 +10,54 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Where each recipe value comes from: `config.recipe_sources` (field of the recipe card -> the
+# authors' file and flag), shown by `python -m compact_vit.recipe` and docs/recipes.md. A family
+# recipe starts from these and replaces what its authors change.
+DEIT = "facebookresearch/deit"
+DEIT_SOURCES = {
+    "total_epochs": f"{DEIT} main.py --epochs 300",
+    "global_batch": f"{DEIT} README_deit.md: 4 GPUs x --batch-size 256 (Ti, S); "
+                    "run_with_submitit.py: 2 nodes x 8 GPUs x 64 (B)",
+    "peak_lr": f"{DEIT} main.py: --lr 5e-4 x global batch / 512",
+    "lr_at_epoch": f"{DEIT} main.py: timm create_scheduler (cosine, --warmup-epochs 5 from "
+                   "--warmup-lr 1e-6, --min-lr 1e-5), step(epoch) after each epoch; the loop runs "
+                   "--epochs, so the scheduler's 10 --cooldown-epochs never run",
+    "weight_decay": f"{DEIT} main.py --weight-decay 0.05",
+    "no_decay": "timm create_optimizer (filter_bias_and_bn): 1-D and .bias parameters and the "
+                "model's no_weight_decay() = {pos_embed, cls_token, dist_token}",
+    "optimizer": f"{DEIT} main.py --opt adamw --opt-eps 1e-8, torch's default betas",
+    "repeated_augmentation": f"{DEIT} main.py --repeated-aug (on by default): samplers.py "
+                             "RASampler, 3 repeats",
+    "grad_clip": f"{DEIT} main.py --clip-grad None",
+    "label_smoothing": f"{DEIT} main.py --smoothing 0.1",
+    "mixup": f"{DEIT} main.py --mixup 0.8",
+    "cutmix": f"{DEIT} main.py --cutmix 1.0",
+    "randaugment": f"{DEIT} main.py --aa rand-m9-mstd0.5-inc1 (timm ignores --color-jitter 0.3 "
+                   "when RandAugment is on)",
+    "random_erasing": f"{DEIT} main.py --reprob 0.25",
+    "drop_path": f"{DEIT} main.py --drop-path 0.1",
+    "ema_decay": f"{DEIT} main.py --model-ema (on) --model-ema-decay 0.99996; the accuracy it "
+                 "reports is the raw model's",
+    "distill": f"{DEIT} main.py --distillation-type none",
+    "eval": f"{DEIT} datasets.py: Resize(int(224 / --eval-crop-ratio 0.875)) shorter side, "
+            "CenterCrop(224)",
+}
+
+
+def cite(c: ml_collections.ConfigDict, **sources: str) -> None:
+  """Records the authors' file behind recipe fields: cite(c, drop_path='repo file --flag')."""
+  c.recipe_sources.update(sources)
+
+
+def cite_defaults(c: ml_collections.ConfigDict, script: str, *fields: str) -> None:
+  """Cites `script`'s argument defaults, the same as DeiT's main.py, for `fields` (default all)."""
+  cite(c, **{field: f"{script} default (as DeiT's)" for field in fields or DEIT_SOURCES})
+
+
+def depart(c: ml_collections.ConfigDict, **reasons: str) -> None:
+  """Records where `c` differs from its authors' recipe and why: depart(c, field='...')."""
+  c.departures.update(reasons)
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'quick,img_size=384' into a ConfigDict over `defaults` (types follow the defaults)."""
@@ -35,9 +83,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collections.ConfigDict:
   """The DeiT ImageNet-1K recipe (Touvron et al. 2021; facebookresearch/deit main.py defaults).
 
-  300 epochs, AdamW lr 5e-4 x batch/512, wd 0.05, global batch 1024, 5 warmup epochs, cosine to 1e-5,
-  label smoothing 0.1, mixup 0.8, cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25.
-  Repeated augmentation is not implemented (it mostly matters for its 3x sample reuse per epoch).
+  300 epochs, AdamW lr 5e-4 x batch/512, wd 0.05, global batch 1024, 5 warmup epochs, timm's cosine
+  stepped per epoch to 1e-5, label smoothing 0.1, mixup 0.8, cutmix 1.0, RandAugment
+  rand-m9-mstd0.5-inc1, random erasing 0.25, repeated augmentation (3 copies), model EMA 0.99996
+  (kept as main.py keeps it; the authors report the raw model, here `val/top1`). Every value's
+  source is in `recipe_sources`; `departures` says where a config differs from its authors
+  (`python -m compact_vit.recipe --config ...` prints both with the recipe as it will run).
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -87,6 +138,7 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.aug.mixup_prob = 1.0
   c.aug.mixup_switch_prob = 0.5
   c.aug.label_smoothing = 0.1
+  c.aug.repeated_aug = 3  # DeiT's RASampler: 3 copies of each image per epoch; 1 = off
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4  # scaled by batch_size / lr_base_batch
@@ -104,7 +156,7 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.optim.grad_clip_mode = "none"  # none | norm (global norm) | agc (timm's unit-wise AGC)
   c.optim.grad_clip_value = 0.0  # max norm, or AGC's clip factor; 0 = off (DeiT does not clip)
   c.optim.no_decay = ("cls_token", "dist_token", "pos_embed")  # plus every 1-D parameter
-  c.ema_decay = 0.0  # 0 = off; e.g. 0.99996 as DeiT's optional model EMA
+  c.ema_decay = 0.99996  # 0 = off; DeiT's main.py keeps this EMA (--model-ema on by default)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.type = "none"  # none | soft | hard
@@ -112,6 +164,8 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.distill.teacher_init_from = ""  # converted checkpoint dir of the teacher
   c.distill.alpha = 0.5
   c.distill.tau = 1.0
+  c.recipe_sources = dict(DEIT_SOURCES)
+  c.departures = {}
   return c
 
 
@@ -132,6 +186,7 @@ def make_quick(c: ml_collections.ConfigDict, **model_overrides) -> ml_collection
   c.aug.mixup_alpha = 0.0
   c.aug.cutmix_alpha = 0.0
   c.aug.label_smoothing = 0.1
+  c.aug.repeated_aug = 1
   c.crop_pct = 1.0
   c.batch_size = 64
   c.eval_batch_size = 120
@@ -143,6 +198,11 @@ def make_quick(c: ml_collections.ConfigDict, **model_overrides) -> ml_collection
   c.eval_every = 200
   c.checkpoint_every = 200
   c.keep_checkpoints = 2
+  c.ema_decay = 0.0
+  c.optim.cooldown_epochs = 0
+  c.recipe_sources = {}
+  c.departures = {"quick": "a small-scale check of the training loop on `digits`, not the "
+                           "authors' recipe"}
   for key, value in model_overrides.items():
     c.model[key] = value
   return c
@@ -160,7 +220,8 @@ def sepvit_recipe(model_name: str, *, drop_path_rate: float) -> ml_collections.C
   """SepViT's ImageNet-1K recipe (Li et al. 2022; liwei109/SepViT classification/main.py).
 
   The DeiT recipe (300 epochs, AdamW lr 5e-4 x 1024/512 = 1e-3, wd 0.05, batch 1024, DeiT
-  augmentation) plus the authors' gradient clipping at norm 5. Weight decay skips only 1-D
+  augmentation) plus the authors' gradient clipping at norm 5, without repeated augmentation and
+  without model EMA (their main.py turns both off). Weight decay skips only 1-D and bias
   parameters: the authors' optimizer never consults their block-level `no_weight_decay`, so the
   window tokens are decayed there too.
   """
@@ -168,6 +229,23 @@ def sepvit_recipe(model_name: str, *, drop_path_rate: float) -> ml_collections.C
   c.optim.grad_clip_mode = "norm"
   c.optim.grad_clip_value = 5.0
   c.optim.no_decay = ()
+  c.aug.repeated_aug = 1
+  c.ema_decay = 0.0
+  main = "liwei109/SepViT classification/main.py"
+  cite(c, global_batch="liwei109/SepViT readme.md: 8 GPUs x --batch-size 128",
+       peak_lr=f"{main} --lr 5e-4 x global batch / 512",
+       lr_at_epoch=f"{main}: timm create_scheduler (cosine, warmup 5 epochs from 1e-6, min 1e-5), "
+                   "step(epoch) after each epoch over --epochs 300",
+       no_decay=f"timm 0.3.2 create_optimizer: 1-D and .bias parameters (the SepViT model has no "
+                "no_weight_decay(); only its blocks do, which timm never asks)",
+       repeated_augmentation=f"{main} --repeated-aug off by default",
+       grad_clip=f"{main} --clip-grad 5 (global norm)",
+       ema_decay=f"{main}: model_ema = None",
+       distill=f"{main}: DistillationLoss(criterion, None, 'none', 0, 0)",
+       eval="liwei109/SepViT classification/datasets.py: Resize(int(256 / 224 * 224)) shorter "
+            "side, CenterCrop(224)")
+  cite_defaults(c, main, "total_epochs", "weight_decay", "optimizer", "label_smoothing", "mixup",
+                "cutmix", "randaugment", "random_erasing")
   return c
 
 
@@ -188,12 +266,13 @@ def efficientformer_recipe(model_name: str, *, epochs: int = 300,
                            drop_path_rate: float = 0.0) -> ml_collections.ConfigDict:
   """EfficientFormer V1/V2 ImageNet-1K recipe (snap-research/EfficientFormer main.py defaults).
 
-  The DeiT recipe with: AdamW lr 1e-3 x batch/1024, wd 0.025, warmup from 1e-5, min lr 1e-5, model
-  EMA 0.99996, hard distillation (alpha 0.5) from `regnety_160`, whose converted weights must be
-  given with `--config.distill.teacher_init_from=DIR`. As in the authors' code, attention biases
-  get weight decay (only 1-D parameters are exempt). Not reproduced: the authors' adaptive
-  gradient clipping (AGC, 0.01) and repeated augmentation; their color jitter 0.4 is inactive
-  beside RandAugment in timm, so it is left off.
+  The DeiT recipe with: AdamW lr 1e-3 x batch/1024, wd 0.025, warmup from 1e-5, min lr 1e-5, timm's
+  adaptive gradient clipping (AGC) at 0.01, repeated augmentation, model EMA 0.99996, hard
+  distillation (alpha 0.5) from `regnety_160`, whose converted weights must be given with
+  `--config.distill.teacher_init_from=DIR`. As in the authors' code, attention biases get weight
+  decay (only 1-D and bias parameters are exempt: their models define no `no_weight_decay`); their
+  color jitter 0.4 is inactive beside RandAugment in timm, so it is left off. Drop path: V1 keeps
+  the model's default 0 (main.py passes none), V2 the rate its model function sets.
   """
   c = deit_recipe(model_name, drop_path_rate=drop_path_rate)
   c.total_epochs = epochs
@@ -202,12 +281,36 @@ def efficientformer_recipe(model_name: str, *, epochs: int = 300,
   c.optim.weight_decay = 0.025
   c.optim.warmup_lr = 1e-5
   c.optim.min_lr = 1e-5
+  c.optim.grad_clip_mode = "agc"  # main.py --clip-mode agc --clip-grad 0.01
+  c.optim.grad_clip_value = 0.01
   c.optim.no_decay = ()
   c.ema_decay = 0.99996
   c.distill.type = "hard"
   c.distill.teacher = "regnety_160"
   c.distill.alpha = 0.5
   c.distill.tau = 1.0
+  main = "snap-research/EfficientFormer main.py"
+  cite(c, total_epochs=f"{main} --epochs 300 (V2 also 450: the paper's longer schedule)",
+       global_batch="snap-research/EfficientFormer README.md `sh dist_train.sh MODEL 8`: "
+                    "8 GPUs x --batch-size 128",
+       peak_lr=f"{main}: --lr 1e-3 x global batch / 1024",
+       lr_at_epoch=f"{main}: timm create_scheduler (cosine, --warmup-epochs 5 from --warmup-lr "
+                   "1e-5, --min-lr 1e-5), step(epoch) after each epoch over --epochs",
+       weight_decay=f"{main} --weight-decay 0.025",
+       no_decay="timm create_optimizer: 1-D and .bias parameters (models/efficientformer.py and "
+                "efficientformer_v2.py define no no_weight_decay)",
+       repeated_augmentation=f"{main} --repeated-aug on by default (util/samplers.py RASampler)",
+       grad_clip=f"{main} --clip-grad 0.01 --clip-mode agc (timm NativeScaler -> "
+                 "adaptive_clip_grad over every parameter)",
+       ema_decay=f"{main} --model-ema on, --model-ema-decay 0.99996",
+       drop_path="snap-research/EfficientFormer models/: V1 model default 0 (main.py passes no "
+                 "drop path); efficientformerv2_s0/s1 0.0, s2 0.02, l 0.1",
+       distill=f"{main} --distillation-type hard --teacher-model regnety_160 "
+               "--distillation-alpha 0.5 --distillation-tau 1.0",
+       eval="snap-research/EfficientFormer util/datasets.py: Resize(int(256 / 224 * 224)) shorter "
+            "side, CenterCrop(224)")
+  cite_defaults(c, main, "optimizer", "label_smoothing", "mixup", "cutmix", "randaugment",
+                "random_erasing")
   return c
 
 
@@ -231,16 +334,51 @@ def make_quick_efficientformer(c: ml_collections.ConfigDict, *,
 def uninet_recipe(model_name: str, *, img_size: int) -> ml_collections.ConfigDict:
   """UniNet's ImageNet-1K recipe (Liu et al. 2022; Sense-X/UniNet exp/b1/run.sh and main.py).
 
-  The DeiT recipe at the variant's resolution with the authors' B1 command: 300 epochs, batch 1024,
-  AdamW lr 5e-4 x 1024/512, wd 0.05, no drop path, no random erasing, mixup 0.8 / cutmix 1.0,
-  model EMA 0.99996 (their default; they report the EMA's accuracy too). Only B1's command is
-  published; the other sizes use it unchanged.
+  The authors' B1 command at the variant's resolution: 300 epochs of timm's cosine then its 10
+  cooldown epochs at the minimum (main.py runs the epoch count `create_scheduler` returns: 310),
+  batch 1024, AdamW lr 5e-4 x 1024/512, wd 0.05, no drop path, no random erasing, mixup 0.8 /
+  cutmix 1.0, no repeated augmentation, model EMA 0.99996 (they report the EMA's accuracy too).
+  Evaluation as their datasets.py: below 320 px resize the shorter side to 256/224 of the size and
+  center-crop; from 320 px on they resize (squash) to size x size without a crop, which the input
+  pipeline does not do: crop_pct 1.0 (shorter side to the size, center crop) is the closest.
+  Only B1's command is published; B0 and B2-B5 take it unchanged at the paper's resolutions.
   """
   c = deit_recipe(model_name, drop_path_rate=0.0)
   c.img_size = img_size
+  c.total_epochs = 310
+  c.optim.cooldown_epochs = 10
   c.aug.random_erasing = 0.0
+  c.aug.repeated_aug = 1
   c.optim.no_decay = ()
   c.ema_decay = 0.99996
+  main = "Sense-X/UniNet main.py"
+  run = "Sense-X/UniNet exp/b1/run.sh"
+  cite(c, total_epochs=f"{run} --epochs 300; {main} trains the epochs create_scheduler returns "
+                       "(300 + --cooldown-epochs 10)",
+       global_batch=f"{run}: 8 GPUs x --batch-size 128",
+       peak_lr=f"{main}: --lr 5e-4 x global batch / 512",
+       lr_at_epoch=f"{main}: timm create_scheduler (cosine over 300 epochs, warmup 5 from 1e-6, "
+                   "min 1e-5, then 10 cooldown epochs at 1e-5), step(epoch) after each epoch",
+       no_decay="timm 0.5.4 create_optimizer: 1-D and .bias parameters and no_weight_decay() = "
+                "{pos_embed, dist_token} (uninet.py; neither exists in the model)",
+       repeated_augmentation=f"{main} --repeated-aug off by default",
+       random_erasing=f"{run} --reprob 0.0",
+       drop_path=f"{run} --drop-path 0.0",
+       ema_decay=f"{main} --model-ema on, --model-ema-decay 0.99996",
+       distill=f"{main}: no distillation",
+       eval="Sense-X/UniNet datasets.py: below 320 px Resize(int(256 / 224 * size)) + "
+            "CenterCrop(size); from 320 px Resize((size, size))")
+  cite_defaults(c, main, "weight_decay", "optimizer", "grad_clip", "label_smoothing", "mixup",
+                "cutmix", "randaugment")
+  if img_size >= 320:
+    c.crop_pct = 1.0
+    depart(c, eval="the authors squash the image to size x size (no crop) from 320 px on; the "
+                   "input pipeline resizes the shorter side and center-crops, so crop_pct=1.0 "
+                   "keeps the same scale but crops the longer side")
+  if model_name != "uninet_b1":
+    cite(c, total_epochs=f"{run} (B1's command; none published for {model_name})",
+         drop_path=f"{run} --drop-path 0.0 (B1's; none published for {model_name})",
+         random_erasing=f"{run} --reprob 0.0 (B1's; none published for {model_name})")
   return c
 
 

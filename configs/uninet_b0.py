@@ -2,7 +2,8 @@
 MLP", ECCV 2022; Sense-X/UniNet).
 
 ImageNet-1K from scratch at 160x160 with the authors' recipe (configs/common.py
-`uninet_recipe`): 300 epochs, global batch 1024, AdamW lr 1e-3, wd 0.05, mixup/cutmix, model EMA.
+`uninet_recipe`: the authors publish only B1's command, used here unchanged): 300 epochs + 10
+at the minimum lr, global batch 1024, AdamW lr 1e-3, wd 0.05, mixup/cutmix, model EMA.
 Expected top-1: 79.1% (paper); 11.45M parameters, 0.555 GMACs.
 
   python train.py --config configs/uninet_b0.py --workdir runs/uninet_b0

@@ -2,7 +2,8 @@
 MLP", ECCV 2022; Sense-X/UniNet).
 
 ImageNet-1K from scratch at 224x224 with the authors' recipe (configs/common.py
-`uninet_recipe`): 300 epochs, global batch 1024, AdamW lr 1e-3, wd 0.05, mixup/cutmix, model EMA.
+`uninet_recipe`, their exp/b1/run.sh): 300 epochs + 10 at the minimum lr, global batch 1024,
+AdamW lr 1e-3, wd 0.05, mixup/cutmix, model EMA.
 Expected top-1: 81.0% (authors' README); 11.45M parameters, 1.118 GMACs.
 
   python train.py --config configs/uninet_b1.py --workdir runs/uninet_b1

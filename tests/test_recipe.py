@@ -1,0 +1,199 @@
+"""Every config's recipe card against its authors' values (compact_vit/recipe.py AUTHORS, the table
+of docs/recipes.md): a field that differs needs a `departures` entry in the config, a departure
+must name a field that differs, every field needs a source, and the page must be up to date.
+
+The learning rates are recomputed here from each row's schedule description with the authors'
+schedulers written out independently (timm's CosineLRScheduler per epoch or per step, ConvNeXt's
+cosine_scheduler, constant), not with compact_vit.optim. Cards need no compilation: the model's
+parameters come from jax.eval_shape.
+"""
+import functools
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax
+import numpy as np
+import pytest
+
+from compact_vit import recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+HELPERS = {"__init__.py", "common.py", "autoformer_common.py", "token_reduction_common.py"}
+FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.py"))
+               if os.path.basename(p) not in HELPERS)
+SPECS = sorted(recipe.AUTHORS)
+LR_RTOL = 1e-3  # DynamicViT's warmup: linspace(0, lr, W) vs optax's k / W, 1.6e-4 apart
+
+
+# ----------------------------------------------------------------------------- the authors' schedulers
+
+def timm_cosine(t, *, base, t_initial, warmup_t, warmup_lr, min_lr):
+  """timm CosineLRScheduler (cycle_limit 1, warmup not a prefix) at t."""
+  if t < warmup_t:
+    return warmup_lr + t * (base - warmup_lr) / warmup_t
+  if t < t_initial:
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / t_initial))
+  return min_lr
+
+
+def authors_lr_at_epoch(row, steps_per_epoch):
+  """The lr each epoch of the authors' run starts with."""
+  s, base, epochs = row["schedule"], row["peak_lr"], row["total_epochs"]
+  if s["kind"] == "constant":
+    return [base] * epochs
+  if s["kind"] == "timm_epoch":  # scheduler.step(epoch) after epoch `epoch`: epoch e sees e - 1
+    kw = dict(base=base, t_initial=epochs - s["cooldown_epochs"], warmup_t=s["warmup_epochs"],
+              warmup_lr=s["warmup_lr"], min_lr=s["min_lr"])
+    return [timm_cosine(max(e - 1, 0), **kw) for e in range(epochs)]
+  total = epochs * steps_per_epoch
+  warmup = s["warmup_epochs"] * steps_per_epoch
+  if s["kind"] == "timm_step":  # step_update(epoch * num_steps + idx) after each iteration
+    return [timm_cosine(e * steps_per_epoch, base=base, t_initial=total, warmup_t=warmup,
+                        warmup_lr=s["warmup_lr"], min_lr=s["min_lr"]) for e in range(epochs)]
+  assert s["kind"] == "linear_step"  # np.linspace warmup, then cosine over the remaining steps
+  schedule = np.concatenate([
+      np.linspace(s["warmup_lr"], base, warmup),
+      [s["min_lr"] + 0.5 * (base - s["min_lr"]) * (1 + math.cos(math.pi * i / (total - warmup)))
+       for i in range(total - warmup)]])
+  return [schedule[e * steps_per_epoch] for e in range(epochs)]
+
+
+# ----------------------------------------------------------------------------- comparison
+
+@functools.lru_cache(maxsize=None)
+def config_of(spec):
+  return recipe.load_config(os.path.join(CONFIGS, spec))
+
+
+@functools.lru_cache(maxsize=None)
+def card_of(spec):
+  return recipe.recipe_card(config_of(spec))
+
+
+def expected_no_decay(spec, rule):
+  """The paths the authors' optimizer exempts: 1-D or bias in their layout, plus `also`, less
+  `decay` (both regexes over our paths)."""
+  import re
+  params = recipe.abstract_params(config_of(spec), recipe.IMAGENET_CLASSES)
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  also = [re.compile(p) for p in rule.get("also", ())]
+  decay = [re.compile(p) for p in rule.get("decay", ())]
+  return sorted(
+      path for path, leaf in flat.items()
+      if (len(leaf.shape) <= 1 or path.endswith("bias") or any(p.search(path) for p in also))
+      and not any(p.search(path) for p in decay))
+
+
+def close(a, b):
+  return a is None and b is None or (a is not None and b is not None and
+                                     math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15))
+
+
+def differing_fields(spec, card, row):
+  """The card fields whose value is not the authors'."""
+  differ = set()
+  for field in ("total_epochs", "global_batch", "repeated_augmentation", "randaugment"):
+    if card[field] != row[field]:
+      differ.add(field)
+  for field in ("peak_lr", "weight_decay", "label_smoothing", "mixup", "cutmix", "random_erasing",
+                "drop_path", "ema_decay"):
+    if not close(card[field], row[field]):
+      differ.add(field)
+  if card["optimizer"] != row["optimizer"]:
+    differ.add("optimizer")
+  clip = card["grad_clip"]
+  if clip["mode"] != row["grad_clip"]["mode"] or not close(clip["value"], row["grad_clip"]["value"]):
+    differ.add("grad_clip")
+  distill = {"teacher": None, "alpha": None, "tau": None, **row["distill"]}
+  if (card["distill"]["type"], card["distill"]["teacher"]) != (distill["type"], distill["teacher"]) \
+      or not close(card["distill"]["alpha"], distill["alpha"]) \
+      or not close(card["distill"]["tau"], distill["tau"]):
+    differ.add("distill")
+  ev = card["eval"]
+  if (ev["img_size"], ev["resize"]) != (row["eval"]["img_size"], row["eval"]["resize"]) or \
+      not close(ev["crop_pct"], row["eval"]["crop_pct"]):
+    differ.add("eval")
+  if row["no_decay"] is not None and card["no_decay"] != expected_no_decay(spec, row["no_decay"]):
+    differ.add("no_decay")
+  ours = [card["lr_at_epoch"][str(e)] for e in range(len(card["lr_at_epoch"]))]
+  theirs = authors_lr_at_epoch(row, recipe.IMAGENET_TRAIN // row["global_batch"])
+  if len(ours) != len(theirs) or not np.allclose(ours, theirs, rtol=LR_RTOL, atol=1e-12):
+    differ.add("lr_at_epoch")
+  return differ
+
+
+def problems(spec, card, row):
+  """What the test fails on: departures not recorded, and departures recorded for equal values."""
+  differ = differing_fields(spec, card, row)
+  declared = set(card["departures"]) & set(recipe.CARD_FIELDS)
+  out = [f"{f} differs from the authors' value without a departures entry"
+         for f in sorted(differ - declared)]
+  out += [f"departures[{f!r}] is recorded but the value equals the authors'"
+          for f in sorted(declared - differ)]
+  return out
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_every_config_has_an_authors_row():
+  assert [f for f in FILES if f not in recipe.AUTHORS] == []
+  assert {spec.partition(":")[0] for spec in SPECS} <= set(FILES)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_card_equals_authors_or_departs(spec):
+  card = card_of(spec)
+  assert problems(spec, card, recipe.AUTHORS[spec]) == []
+  missing = [f for f in recipe.CARD_FIELDS if not card["sources"].get(f)]
+  assert missing == [], f"fields without a source in config.recipe_sources: {missing}"
+  assert all(card["departures"].values()), "every departure says why"
+
+
+def test_an_unrecorded_departure_fails():
+  """The check catches a changed value (drop path, one epoch's lr, the decay set) and a
+  departure recorded for a value that equals the authors'."""
+  spec = "deit_s.py"
+  card, row = card_of(spec), recipe.AUTHORS[spec]
+  assert problems(spec, card, row) == []
+  changed = dict(card, drop_path=0.2, lr_at_epoch=dict(card["lr_at_epoch"], **{"7": 1.01e-3}),
+                 no_decay=card["no_decay"][:-1])
+  assert problems(spec, changed, row) == [
+      f"{f} differs from the authors' value without a departures entry"
+      for f in ("drop_path", "lr_at_epoch", "no_decay")]
+  stale = dict(card, departures={"mixup": "..."})
+  assert problems(spec, stale, row) == [
+      "departures['mixup'] is recorded but the value equals the authors'"]
+
+
+def test_schedules_differ_where_they_should():
+  """The reference schedulers tell the authors' variants apart (lag, warmup prefix, cooldown)."""
+  deit = authors_lr_at_epoch(recipe.AUTHORS["deit_s.py"], 1251)
+  assert deit[0] == deit[1] == 1e-6 and math.isclose(deit[6], 1e-3 * 0.5 * (1 + math.cos(
+      math.pi * 5 / 300)), rel_tol=1e-6, abs_tol=1e-5)
+  uninet = authors_lr_at_epoch(recipe.AUTHORS["uninet_b1.py"], 1251)
+  assert len(uninet) == 310 and uninet[301:] == [1e-5] * 9 and uninet[300] > 1e-5
+  nasvit = recipe.AUTHORS["nasvit_supernet.py"]
+  assert "lr_at_epoch" in differing_fields("nasvit_supernet.py", card_of("nasvit_supernet.py"),
+                                           nasvit)
+
+
+def test_docs_are_up_to_date():
+  with open(os.path.join(ROOT, "docs", "recipes.md")) as f:
+    assert f.read() == recipe.render_docs(CONFIGS), (
+        "docs/recipes.md is stale: python -m compact_vit.recipe --docs docs/recipes.md")
+
+
+def test_command_line_prints_the_card_with_overrides():
+  out = subprocess.run(
+      [sys.executable, "-m", "compact_vit.recipe", "--config", "configs/deit_ti.py",
+       "--config.batch_size=512", "--config.total_epochs=10"],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  card = json.loads(out)
+  assert card["global_batch"] == 512 and math.isclose(card["peak_lr"], 5e-4)
+  assert sorted(card["lr_at_epoch"], key=int) == [str(e) for e in range(10)]
+  assert set(recipe.CARD_FIELDS) <= set(card) and card["sources"] and card["departures"] == {}
