@@ -203,6 +203,13 @@ def test_bad_names(offline_hub, spec, match):
     hub.resolve_init_from(spec, model_name="deit_tiny_patch16_224")
 
 
+def test_multi_process_runs_take_a_converted_directory(offline_hub, monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  with pytest.raises(UserError, match="single-process runs only; this run has 4 processes"):
+    hub.resolve_init_from(SPEC, model_name="deit_tiny_patch16_224")
+  assert offline_hub.conversions == []
+
+
 def test_create_model_without_weights_is_the_registry():
   assert (compact_vit.create_model("deit_tiny_patch16_224", depth=2, num_classes=10)
           == models.create_model("deit_tiny_patch16_224", depth=2, num_classes=10))

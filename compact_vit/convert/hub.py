@@ -19,7 +19,9 @@ nothing. With `HF_HUB_OFFLINE=1` (or no network) a cached download is used as it
 none, a one-line UserError says what to download and where to put it, before any model is built.
 
 When `num_classes` differs from the checkpoint's classifier, the head starts freshly initialised
-(as timm's `create_model(..., pretrained=True, num_classes=N)`).
+(as timm's `create_model(..., pretrained=True, num_classes=N)`). Converted copies are written by
+single-process runs (a GPU host, a single-host TPU VM); a multi-host run takes a directory
+converted beforehand with `python -m compact_vit.convert --checkpoint hf-hub:...`.
 """
 from __future__ import annotations
 
@@ -120,6 +122,7 @@ def resolve_init_from(spec: str, *, model_name: str, img_size: int | None = None
     return spec
   overrides = dict(overrides, img_size=img_size, num_classes=num_classes)
   overrides = _non_default(model_name, {k: v for k, v in overrides.items() if v is not None})
+  _check_single_process(spec)
   if hub_repo(spec):
     path, source = download(spec)
     folder = source["repo"].replace("/", "--")
@@ -135,7 +138,7 @@ def resolve_init_from(spec: str, *, model_name: str, img_size: int | None = None
                    sort_keys=True, default=str)
   target = os.path.join(cache_root(), "converted", folder,
                         f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
-  if not os.path.isfile(os.path.join(target, "model.json")):
+  if not _is_converted(target):
     variables = _convert(model_name, read_state_dict(path), overrides)
     _save_once(target, lambda d: save_variables(d, variables, model_name, overrides), key)
   return target
@@ -180,6 +183,24 @@ def _non_default(model_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in sorted(overrides.items()) if getattr(default, k, object()) != v}
 
 
+def _check_single_process(spec: str) -> None:
+  """Converted copies are written by one process; several processes (a multi-host run) would
+  each need the same copy at once, so they take a converted directory instead."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    raise UserError(
+        f"{spec} is converted in single-process runs only; this run has {jax.process_count()} "
+        "processes. Convert it once with `python -m compact_vit.convert --model NAME "
+        f"--checkpoint {spec} --out DIR` into a folder every host reads (e.g. the bucket mount) "
+        "and pass DIR instead.")
+
+
+def _is_converted(directory: str) -> bool:
+  variables = os.path.join(directory, "variables")
+  return (os.path.isfile(os.path.join(directory, "model.json")) and os.path.isdir(variables)
+          and bool(os.listdir(variables)))
+
+
 def _save_once(target: str, save: Callable[[str], Any], key: str) -> None:
   """Writes with `save` into a fresh folder beside `target`, then renames it to `target`; a
   concurrent writer that got there first wins."""
@@ -192,7 +213,7 @@ def _save_once(target: str, save: Callable[[str], Any], key: str) -> None:
     try:
       os.rename(tmp, target)
     except OSError:
-      if not os.path.isfile(os.path.join(target, "model.json")):
+      if not _is_converted(target):
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
