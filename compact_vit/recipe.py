@@ -4,7 +4,8 @@
 
 prints one JSON object (`recipe_card`): `total_epochs`, `global_batch`, `peak_lr` (after batch
 scaling), `lr_at_epoch` ({"0": lr, ...}: the schedule `optim.create_optimizer` returns, at the first
-step of every epoch), `weight_decay`, `no_decay` (the parameter paths of the real model that weight
+step of every epoch), `lr_scales` (per-parameter lr multipliers: [regex, scale, from epoch]),
+`weight_decay`, `no_decay` (the parameter paths of the real model that weight
 decay skips, from `optim.weight_decay_mask` on `jax.eval_shape` parameters), `optimizer`,
 `repeated_augmentation` (1 = off), `grad_clip`, `label_smoothing`, `mixup`, `cutmix`, `randaugment`,
 `random_erasing`, `drop_path`, `ema_decay`, `distill`, `eval`, plus `objective`, `lr_schedule` (one
@@ -39,10 +40,10 @@ from compact_vit import cli, models, optim
 IMAGENET_TRAIN = 1281167  # ImageNet-1k (ILSVRC 2012) train images
 IMAGENET_CLASSES = 1000
 
-CARD_FIELDS = ("total_epochs", "global_batch", "peak_lr", "lr_at_epoch", "weight_decay", "no_decay",
-               "optimizer", "repeated_augmentation", "grad_clip", "label_smoothing", "mixup",
-               "cutmix", "randaugment", "random_erasing", "drop_path", "ema_decay", "distill",
-               "eval")
+CARD_FIELDS = ("total_epochs", "global_batch", "peak_lr", "lr_at_epoch", "lr_scales",
+               "weight_decay", "no_decay", "optimizer", "repeated_augmentation", "grad_clip",
+               "label_smoothing", "mixup", "cutmix", "randaugment", "random_erasing", "drop_path",
+               "ema_decay", "distill", "eval")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -145,7 +146,8 @@ def recipe_card(config: ml_collections.ConfigDict, *, num_train: int | None = No
                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                                        total_epochs=epochs)
   starts = jnp.arange(whole_epochs, dtype=jnp.int32) * steps_per_epoch
-  lrs = np.asarray(schedule(starts), np.float64)
+  # a constant schedule answers with one scalar
+  lrs = np.broadcast_to(np.asarray(schedule(starts), np.float64), starts.shape)
   aug = config.aug
   distill = config.distill
   on = distill.type != "none"
@@ -154,6 +156,7 @@ def recipe_card(config: ml_collections.ConfigDict, *, num_train: int | None = No
       "global_batch": batch,
       "peak_lr": optim.peak_lr(config.optim, batch),
       "lr_at_epoch": {str(e): float(lr) for e, lr in enumerate(lrs)},
+      "lr_scales": _plain(config.optim.get("lr_scales", ())),
       "weight_decay": float(config.optim.weight_decay),
       "no_decay": no_decay_paths(abstract_params(config, num_classes), config.optim.no_decay),
       "optimizer": {"name": "adamw", "betas": [config.optim.b1, config.optim.b2],
@@ -212,7 +215,7 @@ DEIT_ROW = dict(
     schedule=_cosine(), weight_decay=0.05, no_decay=DEIT_NO_DECAY, optimizer=ADAMW,
     repeated_augmentation=3, grad_clip=NO_CLIP, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
     randaugment=M9, random_erasing=0.25, drop_path=0.1, ema_decay=0.99996, distill=NO_DISTILL,
-    eval=_eval())
+    eval=_eval(), lr_scales=[])
 EF_ROW = dict(
     DEIT_ROW, family="EfficientFormer", schedule=_cosine(warmup_lr=1e-5), weight_decay=0.025,
     no_decay={}, grad_clip={"mode": "agc", "value": 0.01}, drop_path=0.0,
@@ -228,6 +231,7 @@ DYNAMICVIT_ROW = dict(
     DEIT_ROW, family="DynamicViT", total_epochs=30,
     schedule=_cosine("linear_step", warmup_lr=0.0, min_lr=1e-6), repeated_augmentation=1,
     drop_path=0.0, ema_decay=0.9999,
+    lr_scales=[["^(cls_token|pos_embed)$", 0.0], ["^(?!score_predictor)", 0.01, 5]],
     distill={"type": "soft", "teacher": "deit_small_patch16_224", "alpha": 0.5, "tau": 1.0})
 AUTOFORMER_ROW = dict(DEIT_ROW, family="AutoFormer / TF-TAS", total_epochs=500,
                       schedule=_cosine(warmup_epochs=20), ema_decay=0.0,
@@ -328,6 +332,9 @@ def _cell(field: str, value) -> str:
             f"tau {_num(value['tau'])}")
   if field == "eval":
     return f"{value['img_size']}, crop {_num(value['crop_pct'])}, {value['resize']}"
+  if field == "lr_scales":
+    return "; ".join(f"{r[0]} x{_num(r[1])}" + (f" from ep {_num(r[2])}" if len(r) > 2 else "")
+                     for r in value) or "none"
   if field in ("repeated_augmentation",):
     return "off" if value == 1 else f"{value} copies"
   if isinstance(value, float):
@@ -337,7 +344,8 @@ def _cell(field: str, value) -> str:
 
 DOC_TABLES = (  # two tables per family: optimisation, then data, regularisation and evaluation
     (("total_epochs", "epochs"), ("global_batch", "batch"), ("peak_lr", "peak lr"),
-     ("schedule", "lr schedule"), ("weight_decay", "wd"), ("no_decay", "no decay"),
+     ("schedule", "lr schedule"), ("lr_scales", "lr scales"), ("weight_decay", "wd"),
+     ("no_decay", "no decay"),
      ("optimizer", "optimizer"), ("grad_clip", "clip"), ("ema_decay", "EMA")),
     (("repeated_augmentation", "rep. aug."), ("label_smoothing", "smoothing"), ("mixup", "mixup"),
      ("cutmix", "cutmix"), ("randaugment", "RandAugment"), ("random_erasing", "rand. erasing"),

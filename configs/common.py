@@ -22,6 +22,8 @@ DEIT_SOURCES = {
     "lr_at_epoch": f"{DEIT} main.py: timm create_scheduler (cosine, --warmup-epochs 5 from "
                    "--warmup-lr 1e-6, --min-lr 1e-5), step(epoch) after each epoch; the loop runs "
                    "--epochs, so the scheduler's 10 --cooldown-epochs never run",
+    "lr_scales": f"{DEIT} main.py: one lr for every parameter (timm's parameter groups differ in "
+                 "weight decay only)",
     "weight_decay": f"{DEIT} main.py --weight-decay 0.05",
     "no_decay": "timm create_optimizer (filter_bias_and_bn): 1-D and .bias parameters and the "
                 "model's no_weight_decay() = {pos_embed, cls_token, dist_token}",

@@ -57,10 +57,7 @@ def cite_nasvit(c: ml_collections.ConfigDict) -> None:
            "upsamples to its resolution (288 for the largest subnet); misc/attentive_nas_eval.py "
            "recalibrates BatchNorm on 64 train batches first")
   common.depart(
-      c, lr_at_epoch="timm's per-step cosine runs from step 0 (warmup not a prefix: cos(pi t / "
-      "T)); optim's 'step' unit starts its cosine after the warmup (cos(pi (t - W) / (T - W))), "
-      "up to 2% of the peak apart mid-run",
-      distill="the authors distill the largest subnet from two ResNeXt-101 teachers (swsl 32x4d "
+      c, distill="the authors distill the largest subnet from two ResNeXt-101 teachers (swsl 32x4d "
       "and 32x8d, probabilities averaged, logits x 5); neither teacher is ported, so the largest "
       "subnet learns from the (mixed, smoothed) labels",
       eval="the trainer evaluates the largest subnet at config.img_size (224) with its running "
@@ -83,7 +80,8 @@ def get_config(arg=None):
   c.batch_size = 2048
   c.optim.lr = 3e-4  # cfg.yaml BASE_LR, x global batch / 512 as main.py scales it
   c.optim.lr_base_batch = 512
-  c.optim.lr_schedule_unit = "step"  # misc/lr_scheduler.py: timm cosine, t_in_epochs=False
+  c.optim.lr_schedule_unit = "step"  # misc/lr_scheduler.py: timm cosine, t_in_epochs=False,
+  c.optim.warmup_prefix = False  # so its cosine runs from step 0, under the warmup
   c.optim.warmup_lr = 5e-7 * c.batch_size / 512  # main.py scales WARMUP_LR and MIN_LR too
   c.optim.min_lr = 5e-6 * c.batch_size / 512
   c.optim.weight_decay = 0.0

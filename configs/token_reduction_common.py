@@ -52,6 +52,9 @@ def dynamicvit_recipe(model_name: str, *, teacher: str, drop_path_rate: float,
       weight_decay=f"{main} --weight_decay 0.05 (constant: --weight_decay_end None)",
       no_decay=f"{repo} optim_factory.py: 1-D and .bias parameters decay-free; cls_token and "
                "pos_embed are not optimised at all",
+      lr_scales=f"{repo} optim_factory.py get_parameter_groups: predictor groups lr_scale 1, "
+                "backbone groups --lr_scale 0.01 with fix_step 5 (lr 0 before epoch 5, "
+                "engine.py), cls_token and pos_embed in no group",
       optimizer=f"{main} --opt adamw --opt_eps 1e-8, torch's default betas",
       repeated_augmentation=f"{main}: DistributedSampler (no repeated augmentation)",
       grad_clip=f"{main} --clip_grad None", label_smoothing=f"{main} --smoothing 0.1",

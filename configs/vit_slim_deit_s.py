@@ -29,10 +29,10 @@ def get_config(arg=None):
   args = common.parse_arg(arg, quick=False, budget=0.7)
   c = common.deit_recipe("vit_slim_masked_deit_s", drop_path_rate=0.1)
   c.total_epochs = 50
-  c.optim.lr = 5e-4  # constant (search.py --sched none) and not scaled by the batch
+  c.optim.lr = 5e-4  # not scaled by the batch, and constant (search.py --sched none)
   c.optim.lr_base_batch = c.batch_size
+  c.optim.lr_schedule = "constant"
   c.optim.warmup_epochs = 0.0
-  c.optim.min_lr = c.optim.lr
   c.optim.weight_decay = 1e-3
   gpus = 4  # the README's command; search.py divides w1, w2, w3 by the world size
   c.objective = ml_collections.ConfigDict(
@@ -70,6 +70,7 @@ def get_config(arg=None):
     common.make_quick_deit(c)
     c.total_epochs = 10
     c.optim.warmup_epochs = 0.0
+    c.optim.lr_schedule = "cosine"  # to 1e-5 over its 10 epochs
     c.search.pretrain_epochs = 15
     c.search.trajectory_every = 50
     c.search.budget_patch = 1.0  # 16 tokens: keep them all
