@@ -1,8 +1,9 @@
 """Evaluates the latest checkpoint: `python eval.py --config configs/X.py[:ARGS] --workdir DIR`.
 
 Writes DIR/eval_<split>.json (step, top1, top5, params, gmacs, images_per_sec, params_sha256) and
-prints it as a table. With no training checkpoint in DIR, `--config.init_from=CONVERTED_DIR`
-evaluates converted weights.
+prints it as a table. With no training checkpoint in DIR, `--config.init_from=SPEC` evaluates
+other weights: a converted directory, a PyTorch checkpoint file, or published weights by name
+(`hf-hub:timm/deit_small_patch16_224.fb_in1k`), whose published top-1 is printed beside ours.
 
 Multi-host: start the same command on every host with `--coordinator_address=HOST0:PORT
 --num_processes=N --process_id=I` (found automatically on Cloud TPU VMs and under SLURM).

@@ -8,8 +8,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from compact_vit import checkpointing, profile, sharding, trainer
+from compact_vit.convert.published import published, published_top1
 from compact_vit.errors import UserError
 
 
@@ -36,7 +38,9 @@ def load_eval_variables(config: ml_collections.ConfigDict, workdir: str,
       ema = dict(restored, params=restored.pop("ema_params"))
     return restored, step, ema
   if config.init_from:
-    return trainer.load_init_from(config.init_from, abstract), 0, None
+    directory = trainer.resolve_weights(config.init_from, config, config.model.name,
+                                        model.num_classes)
+    return trainer.load_init_from(directory, abstract), 0, None
   raise UserError(f"No checkpoint found in {ckpt_dir} and no --config.init_from given. Train first "
                   f"(python train.py --config ... --workdir {workdir}) or convert weights with "
                   "`python -m compact_vit.convert` and pass --config.init_from=DIR.")
@@ -77,6 +81,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                          if measure_speed else None),
       "params_sha256": checkpointing.params_sha256(variables["params"]),
   }
+  if step == 0 and config.init_from:
+    record.update(published_comparison(config, info.num_classes, record["top1"]))
   if ema is not None:
     res_ema = trainer.evaluate(eval_fn, jax.device_put(ema, sharding.replicated(mesh)), batches(),
                                mesh)
@@ -88,12 +94,34 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return record
 
 
+def published_comparison(config: ml_collections.ConfigDict, num_classes: int,
+                         top1: float) -> dict[str, Any]:
+  """For a published checkpoint evaluated as published: {"published_top1", "published_source"},
+  printed beside the measured top-1 so that a wrong data copy or evaluation shows at once, with a
+  warning for each evaluation setting (crop, normalisation) that differs from the checkpoint's."""
+  pub = published_top1(config.init_from, model_name=config.model.name, img_size=config.img_size,
+                       num_classes=num_classes)
+  if pub is None:
+    return {}
+  entry = published(config.init_from)
+  print(f"Published top-1 {pub.top1:.2%} ({pub.source}) vs measured {top1:.2%} "
+        f"({top1 - pub.top1:+.2%}).", flush=True)
+  settings = (("crop_pct", config.crop_pct, entry.crop_pct),
+              ("dataset.mean", tuple(config.dataset.mean), entry.mean),
+              ("dataset.std", tuple(config.dataset.std), entry.std))
+  for name, ours, theirs in settings:
+    if not np.allclose(ours, theirs):
+      print(f"Warning: config.{name}={ours} but this checkpoint was evaluated with {theirs}; pass "
+            f"--config.{name}={theirs} to compare like with like.", flush=True)
+  return {"published_top1": pub.top1, "published_source": pub.source}
+
+
 def format_table(record: dict[str, Any]) -> str:
   """A two-column text table of an eval record."""
   rows = []
   for k, v in record.items():
     if isinstance(v, float):
-      v = f"{v:.4f}" if k in ("top1", "top5", "ema_top1", "ema_top5", "gmacs") else f"{v:.1f}"
+      v = f"{v:.4f}" if k in ("top1", "top5", "ema_top1", "ema_top5", "gmacs", "published_top1") else f"{v:.1f}"
     rows.append((k, str(v)))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from compact_vit import checkpointing, losses, models, objectives, optim, sharding, xla
+from compact_vit.convert.hub import resolve_init_from
 from compact_vit.errors import UserError
 from compact_vit.writers import MetricWriter, Progress
 
@@ -201,8 +202,9 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
     dirs = teacher_dirs(config)
     if len(dirs) != len(names_given) or not all(dirs):
       raise UserError("Distillation needs trained teacher weights, one per teacher: set "
-                      "--config.distill.teacher_init_from=DIR[,DIR2] (`python -m "
-                      "compact_vit.convert` outputs, comma-separated like config.distill.teacher).")
+                      "--config.distill.teacher_init_from=SPEC[,SPEC2], comma-separated like "
+                      "config.distill.teacher; a SPEC is a `python -m compact_vit.convert` output "
+                      "directory, a PyTorch checkpoint file or hf-hub:OWNER/NAME.")
   if config.dtype not in ("float32", "bfloat16", "float16"):
     raise UserError(f"config.dtype={config.dtype!r}: use float32 or bfloat16.")
   for field in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -242,6 +244,17 @@ def check_remat(model, abstract_params: Any, img_size: int) -> None:
                     "`nn.remat` to its blocks.")
 
 
+def resolve_weights(spec: str, config: ml_collections.ConfigDict, model_name: str,
+                    num_classes: int | None = None) -> str:
+  """The converted directory for `spec`: a directory as given, or a PyTorch checkpoint file or
+  `hf-hub:OWNER/NAME` downloaded and converted once for this config's model (its `config.model`
+  overrides, image size and class count; compact_vit.convert.hub)."""
+  overrides = {k: v for k, v in config.model.items() if k != "name"} if (
+      model_name == config.model.name) else {}
+  return resolve_init_from(spec, model_name=model_name, img_size=config.img_size,
+                           num_classes=num_classes, **overrides)
+
+
 def load_init_from(directory: str, abstract_variables: Any) -> dict[str, Any]:
   """Variables of a converted checkpoint, checked against the model's variables (params, and
   batch_stats where the model has them)."""
@@ -271,7 +284,7 @@ def load_teacher(config: ml_collections.ConfigDict):
   config.distill.teacher names several; each checked against its converted checkpoint."""
   teachers, all_variables = [], []
   for name, directory in zip(teacher_names(config), teacher_dirs(config)):
-    variables, meta = checkpointing.load_variables(directory)
+    variables, meta = checkpointing.load_variables(resolve_weights(directory, config, name))
     overrides = dict(meta.get("overrides", {}))
     overrides.pop("img_size", None)
     teacher = models.create_model(name, img_size=config.img_size, **overrides)
@@ -464,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_variables_from = None
   if config.init_from:
     init_variables_from = load_init_from(
-        config.init_from, {k: abstract_state[k] for k in ("params", "batch_stats")
+        resolve_weights(config.init_from, config, config.model.name, info.num_classes), {k: abstract_state[k] for k in ("params", "batch_stats")
                            if k in abstract_state})
   teacher, teacher_vars = (None, None)
   if config.distill.type != "none":

@@ -260,3 +260,34 @@ def test_published_top1_only_for_the_checkpoint_as_published():
   assert published_top1("weights/deit_s") is None
   assert published_top1("hf-hub:someone/deit_small_finetuned") is None
   assert published_top1(default_spec("regnety_160")).top1 == 0.83
+
+
+def test_config_init_from_a_hub_name_reaches_the_evaluator(offline_hub, tiny_timm, tmp_path):
+  """`--config.init_from=hf-hub:...` as eval.py and train.py read it: the evaluator resolves the
+  name through the same cache, converts for the config's model and gives the torch logits."""
+  from compact_vit import evaluator, trainer  # pylint: disable=import-outside-toplevel
+  from configs import deit_ti  # pylint: disable=import-outside-toplevel
+  tm, state_dict = tiny_timm
+  put_in_cache(offline_hub.cache, REPO, {"model.safetensors": safetensors_bytes(dict(state_dict))})
+  config = deit_ti.get_config(None)
+  config.img_size = TINY["img_size"]
+  config.model.depth = TINY["depth"]
+  config.init_from = SPEC
+  model = trainer.create_model(config, 1000)
+  variables, step, ema = evaluator.load_eval_variables(config, str(tmp_path / "run"), model)
+  assert step == 0 and ema is None and offline_hub.conversions == ["deit_tiny_patch16_224"]
+  x = random_images(2, TINY["img_size"])
+  assert rel_err(logits(model, variables, x), torch_logits(tm, x)) < RTOL
+
+
+def test_eval_prints_the_published_top1_and_warns_about_other_settings(capsys):
+  from compact_vit import evaluator  # pylint: disable=import-outside-toplevel
+  from configs import deit_ti  # pylint: disable=import-outside-toplevel
+  config = deit_ti.get_config(None)
+  config.init_from = "hf-hub:timm/deit_tiny_patch16_224.fb_in1k"
+  out = evaluator.published_comparison(config, 1000, 0.70)
+  assert out == {"published_top1": 0.7219, "published_source": TIMM_RESULTS}
+  printed = capsys.readouterr().out
+  assert "Published top-1 72.19%" in printed and "vs measured 70.00%" in printed
+  assert "--config.crop_pct=0.9" in printed  # DeiT's checkpoints were evaluated at crop 0.9
+  assert evaluator.published_comparison(config, 10, 0.70) == {}  # another head: no comparison
