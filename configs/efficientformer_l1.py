@@ -2,9 +2,10 @@ r"""EfficientFormer-L1 (Li et al., "EfficientFormer: Vision Transformers at Mobi
 NeurIPS 2022).
 
 ImageNet-1K from scratch with the authors' recipe (configs/common.py `efficientformer_recipe`): 300
-epochs, global batch 1024, AdamW lr 1e-3, wd 0.025, EMA, DeiT augmentation, hard distillation from
-RegNetY-16GF. Expected top-1: 79.2% (paper, with the teacher; without it users report
-77-78%, EfficientFormer issues #15, #31); 12.29M parameters, 1.30 GMACs at 224.
+epochs, global batch 1024, AdamW lr 1e-3, wd 0.025, adaptive gradient clipping 0.01, EMA, DeiT
+augmentation with repeated augmentation, hard distillation from RegNetY-16GF. Expected top-1: 79.2%
+(paper, with the teacher; without it users report 77-78%, EfficientFormer issues #15, #31); 12.29M
+parameters, 1.30 GMACs at 224.
 
 Needs the teacher: convert DeiT's RegNetY-16GF checkpoint once, then pass it to train.py
 (eval.py does not need it):

@@ -2,9 +2,10 @@ r"""EfficientFormerV2-L (Li et al., "Rethinking Vision Transformers for MobileNe
 Speed", ICCV 2023).
 
 ImageNet-1K from scratch with the authors' recipe (configs/common.py `efficientformer_recipe`): 300
-epochs (`:epochs=450` for the longer schedule), global batch 1024, AdamW lr 1e-3, wd 0.025, EMA,
-DeiT augmentation, drop path 0.1, hard distillation from RegNetY-16GF. Expected top-1: 83.3%
-after 300 epochs, 83.5% after 450 (paper, with the teacher); 26.32M parameters, 2.56 GMACs at 224.
+epochs (`:epochs=450` for the longer schedule), global batch 1024, AdamW lr 1e-3, wd 0.025,
+adaptive gradient clipping 0.01, EMA, DeiT augmentation with repeated augmentation, drop path 0.1,
+hard distillation from RegNetY-16GF. Expected top-1: 83.3% after 300 epochs, 83.5% after 450
+(paper, with the teacher); 26.32M parameters, 2.56 GMACs at 224.
 
 Needs the teacher: convert DeiT's RegNetY-16GF checkpoint once, then pass it to train.py
 (eval.py does not need it):

@@ -2,9 +2,10 @@ r"""EfficientFormerV2-S0 (Li et al., "Rethinking Vision Transformers for MobileN
 Speed", ICCV 2023).
 
 ImageNet-1K from scratch with the authors' recipe (configs/common.py `efficientformer_recipe`): 300
-epochs (`:epochs=450` for the longer schedule), global batch 1024, AdamW lr 1e-3, wd 0.025, EMA,
-DeiT augmentation, drop path 0.0, hard distillation from RegNetY-16GF. Expected top-1: 75.7%
-after 300 epochs, 76.2% after 450 (paper, with the teacher); 3.60M parameters, 0.40 GMACs at 224.
+epochs (`:epochs=450` for the longer schedule), global batch 1024, AdamW lr 1e-3, wd 0.025,
+adaptive gradient clipping 0.01, EMA, DeiT augmentation with repeated augmentation, drop path 0.0,
+hard distillation from RegNetY-16GF. Expected top-1: 75.7% after 300 epochs, 76.2% after 450
+(paper, with the teacher); 3.60M parameters, 0.40 GMACs at 224.
 
 Needs the teacher: convert DeiT's RegNetY-16GF checkpoint once, then pass it to train.py
 (eval.py does not need it):

@@ -8,7 +8,11 @@ training and no data:
   python search.py --config configs/tftas_s_search.py --workdir runs/tftas_s_search
 
 writes search.json and prints the command that retrains the winner (the paper's TF-TAS-S is
-registry `tftas_s`). `:quick` ranks 300 subnets of the small `digits` space (about a minute).
+registry `tftas_s`). That command uses `:retrain`, the authors' retraining recipe (TF_TAS
+config.yaml: 300 epochs, global batch 256, lr 5e-4 x 256/512, 10 warmup epochs, repeated
+augmentation, no EMA), which without overrides trains TF-TAS-S itself. The search's own
+training fields are the AutoFormer supernet's; it trains nothing. `:quick` ranks 300 subnets
+of the small `digits` space (about a minute).
 """
 from configs import autoformer_common
 
