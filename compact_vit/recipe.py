@@ -107,17 +107,19 @@ def no_decay_paths(params: Any, no_decay) -> list[str]:
   return sorted(path for path, decayed in mask.items() if not decayed)
 
 
-def grad_clip(optim_cfg) -> dict[str, Any]:
-  """{"mode": none|norm|agc, "value": v}; value 0 means off."""
-  if "grad_clip_norm" in optim_cfg:  # the older single field
-    value = float(optim_cfg.grad_clip_norm)
-    mode = "norm" if value > 0 else "none"
-  else:
-    mode = optim_cfg.get("grad_clip_mode", "none")
-    value = float(optim_cfg.get("grad_clip_value", 0.0))
-  if mode == "none" or value <= 0:
-    return {"mode": "none", "value": 0.0}
-  return {"mode": mode, "value": value}
+def grad_clip(config) -> dict[str, Any]:
+  """{"mode": none|norm|agc, "value": v, "scope": "all"|"subnets"}: the optimizer's clipping of the
+  whole gradient, or else the objective's of the subnets' summed gradient (NASViT's
+  gradient_rule "authors", norm `subnet_clip_norm`)."""
+  mode = config.optim.get("grad_clip_mode", "none")
+  value = float(config.optim.get("grad_clip_value", 0.0))
+  if mode != "none" and value > 0:
+    return {"mode": mode, "value": value, "scope": "all"}
+  objective = config.objective
+  if objective.get("gradient_rule") == "authors" and objective.get("subnet_clip_norm", 1.0) > 0:
+    return {"mode": "norm", "value": float(objective.get("subnet_clip_norm", 1.0)),
+            "scope": "subnets"}
+  return {"mode": "none", "value": 0.0}
 
 
 def _plain(value):
@@ -162,7 +164,7 @@ def recipe_card(config: ml_collections.ConfigDict, *, num_train: int | None = No
       "optimizer": {"name": "adamw", "betas": [config.optim.b1, config.optim.b2],
                     "eps": config.optim.eps},
       "repeated_augmentation": int(aug.get("repeated_aug", 1) or 1),
-      "grad_clip": grad_clip(config.optim),
+      "grad_clip": grad_clip(config),
       "label_smoothing": float(aug.label_smoothing),
       "mixup": float(aug.mixup_alpha),
       "cutmix": float(aug.cutmix_alpha),
@@ -218,10 +220,10 @@ DEIT_ROW = dict(
     eval=_eval(), lr_scales=[])
 EF_ROW = dict(
     DEIT_ROW, family="EfficientFormer", schedule=_cosine(warmup_lr=1e-5), weight_decay=0.025,
-    no_decay={}, grad_clip={"mode": "agc", "value": 0.01}, drop_path=0.0,
+    no_decay={}, grad_clip={"mode": "agc", "value": 0.01, "scope": "all"}, drop_path=0.0,
     distill={"type": "hard", "teacher": "regnety_160", "alpha": 0.5, "tau": 1.0})
 SEPVIT_ROW = dict(DEIT_ROW, family="SepViT", no_decay={}, repeated_augmentation=1,
-                  grad_clip={"mode": "norm", "value": 5.0}, ema_decay=0.0)
+                  grad_clip={"mode": "norm", "value": 5.0, "scope": "all"}, ema_decay=0.0)
 UNINET_ROW = dict(DEIT_ROW, family="UniNet", total_epochs=310,
                   schedule=_cosine(cooldown_epochs=10), no_decay={}, repeated_augmentation=1,
                   random_erasing=0.0, drop_path=0.0)
@@ -240,7 +242,8 @@ NASVIT_ROW = dict(
     DEIT_ROW, family="NASViT", status="exact but the global batch", total_epochs=400,
     global_batch=2048, peak_lr=3e-4 * 2048 / 512,
     schedule=_cosine("timm_step", warmup_lr=5e-7 * 4, min_lr=5e-6 * 4), weight_decay=0.0,
-    no_decay=None, repeated_augmentation=1, grad_clip={"mode": "norm", "value": 1.0}, mixup=0.01,
+    no_decay=None, repeated_augmentation=1, mixup=0.01,
+    grad_clip={"mode": "norm", "value": 1.0, "scope": "subnets"},
     cutmix=0.01, randaugment="rand-n1-m1-mstd0.5-inc1", random_erasing=0.01, drop_path=0.01,
     ema_decay=0.99985, eval=_eval(288),
     distill={"type": "soft", "teacher": "swsl_resnext101_32x4d+swsl_resnext101_32x8d",
@@ -324,7 +327,10 @@ def _cell(field: str, value) -> str:
   if field == "optimizer":
     return f"AdamW {tuple(value['betas'])}, eps {_num(value['eps'])}"
   if field == "grad_clip":
-    return "none" if value["mode"] == "none" else f"{value['mode']} {_num(value['value'])}"
+    if value["mode"] == "none":
+      return "none"
+    return f"{value['mode']} {_num(value['value'])}" + (
+        "" if value["scope"] == "all" else f" ({value['scope']}' gradient)")
   if field == "distill":
     if value["type"] == "none":
       return "none"

@@ -108,7 +108,8 @@ def differing_fields(spec, card, row):
     if card[field] != row[field]:
       differ.add(field)
   clip, theirs = card["grad_clip"], row["grad_clip"]
-  if clip["mode"] != theirs["mode"] or not close(clip["value"], theirs["value"]):
+  if (clip["mode"], clip.get("scope")) != (theirs["mode"], theirs.get("scope")) or not close(
+      clip["value"], theirs["value"]):
     differ.add("grad_clip")
   ours, theirs = card["distill"], {"teacher": None, "alpha": None, "tau": None, **row["distill"]}
   if (ours["type"], ours["teacher"]) != (theirs["type"], theirs["teacher"]) or not (
