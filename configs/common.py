@@ -246,8 +246,8 @@ def sepvit_recipe(model_name: str, *, drop_path_rate: float) -> ml_collections.C
        distill=f"{main}: DistillationLoss(criterion, None, 'none', 0, 0)",
        eval="liwei109/SepViT classification/datasets.py: Resize(int(256 / 224 * 224)) shorter "
             "side, CenterCrop(224)")
-  cite_defaults(c, main, "total_epochs", "weight_decay", "optimizer", "label_smoothing", "mixup",
-                "cutmix", "randaugment", "random_erasing")
+  cite_defaults(c, main, "total_epochs", "lr_scales", "weight_decay", "optimizer",
+                "label_smoothing", "mixup", "cutmix", "randaugment", "random_erasing")
   return c
 
 
@@ -311,8 +311,8 @@ def efficientformer_recipe(model_name: str, *, epochs: int = 300,
                "--distillation-alpha 0.5 --distillation-tau 1.0",
        eval="snap-research/EfficientFormer util/datasets.py: Resize(int(256 / 224 * 224)) shorter "
             "side, CenterCrop(224)")
-  cite_defaults(c, main, "optimizer", "label_smoothing", "mixup", "cutmix", "randaugment",
-                "random_erasing")
+  cite_defaults(c, main, "lr_scales", "optimizer", "label_smoothing", "mixup", "cutmix",
+                "randaugment", "random_erasing")
   return c
 
 
@@ -370,8 +370,8 @@ def uninet_recipe(model_name: str, *, img_size: int) -> ml_collections.ConfigDic
        distill=f"{main}: no distillation",
        eval="Sense-X/UniNet datasets.py: below 320 px Resize(int(256 / 224 * size)) + "
             "CenterCrop(size); from 320 px Resize((size, size))")
-  cite_defaults(c, main, "weight_decay", "optimizer", "grad_clip", "label_smoothing", "mixup",
-                "cutmix", "randaugment")
+  cite_defaults(c, main, "lr_scales", "weight_decay", "optimizer", "grad_clip",
+                "label_smoothing", "mixup", "cutmix", "randaugment")
   if img_size >= 320:
     c.crop_pct = 1.0
     depart(c, eval="the authors squash the image to size x size (no crop) from 320 px on; the "

@@ -45,6 +45,7 @@ def cite_nasvit(c: ml_collections.ConfigDict) -> None:
       weight_decay=f"{cfg} WEIGHT_DECAY 0.0",
       no_decay=f"{REPO} misc/optimizer.py set_weight_decay (irrelevant at weight decay 0)",
       optimizer=f"{REPO} misc/config.py: adamw, eps 1e-8, betas (0.9, 0.999)",
+      lr_scales=f"{REPO} misc/optimizer.py: one lr for both parameter groups",
       repeated_augmentation=f"{REPO} data/build.py: DistributedSampler",
       grad_clip=f"{cfg} CLIP_GRAD 1.0 ({main}: clip_grad_norm_ after the subnets' backward "
                 "passes, while the largest subnet's gradient is held aside by first_step)",

@@ -58,8 +58,8 @@ def get_config(arg=None):
                "masks are decayed: (1, 1, H, 1, D), (1, 1, hidden) and (1, N, 1) tensors there",
       repeated_augmentation=f"{main} --repeated-aug on by default",
       ema_decay=f"{main} --model-ema on, --model-ema-decay 0.99996")
-  common.cite_defaults(c, main, "optimizer", "grad_clip", "label_smoothing", "mixup", "cutmix",
-                       "randaugment", "random_erasing", "drop_path", "distill", "eval")
+  common.cite_defaults(c, main, "lr_scales", "optimizer", "grad_clip", "label_smoothing", "mixup",
+                       "cutmix", "randaugment", "random_erasing", "drop_path", "distill", "eval")
   common.depart(
       c, no_decay="the MLP and patch masks are 1-D here ((hidden,), (tokens,)) and "
       "optim.weight_decay_mask exempts every 1-D parameter; the authors store them as 3-D "
