@@ -45,7 +45,7 @@ AGC_EPS = 1e-3  # timm's adaptive_clip_grad default: the floor of a unit's param
 # Values of the newer optim fields for a config that lacks them: the per-step curve, no clipping.
 DEFAULTS = {"lr_schedule_unit": "step", "lr_epoch_lag": 1, "cooldown_epochs": 0,
             "grad_clip_mode": "none", "grad_clip_value": 0.0, "lr_schedule": "cosine",
-            "warmup_prefix": True, "lr_scales": ()}
+            "warmup_prefix": True, "lr_scales": (), "decay": ()}
 
 
 def _get(optim_cfg, field: str):
@@ -269,14 +269,18 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def weight_decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
+def weight_decay_mask(params: Any, no_decay: tuple[str, ...], decay: tuple[str, ...] = ()) -> Any:
   """True where weight decay applies, as timm's parameter groups (filter_bias_and_bn): not for
   parameters with ndim <= 1, nor for `bias` leaves, nor for paths ('blocks_0/attn/qkv/kernel')
-  matching a `no_decay` regex (timm: the names in `model.no_weight_decay()`)."""
+  matching a `no_decay` regex (timm: the names in `model.no_weight_decay()`). Paths matching a
+  `decay` regex are decayed whatever their rank (a parameter the authors store with more
+  dimensions than here, such as ViT-Slim's (1, 1, hidden) masks)."""
   patterns = [re.compile(p) for p in no_decay]
+  forced = [re.compile(p) for p in decay]
   flat = flax.traverse_util.flatten_dict(params, sep="/")
-  mask = {k: (jnp.ndim(v) >= 2 and not k.endswith("/bias") and k != "bias"
-              and not any(p.search(k) for p in patterns)) for k, v in flat.items()}
+  mask = {k: any(p.search(k) for p in forced) or (
+      jnp.ndim(v) >= 2 and not k.endswith("/bias") and k != "bias"
+      and not any(p.search(k) for p in patterns)) for k, v in flat.items()}
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
 
@@ -376,7 +380,8 @@ def create_optimizer(optim_cfg, *, batch_size: int, steps_per_epoch: int, total_
   no_decay = tuple(optim_cfg.no_decay)
   adamw = optax.adamw(
       schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-      weight_decay=optim_cfg.weight_decay, mask=lambda p: weight_decay_mask(p, no_decay))
+      weight_decay=optim_cfg.weight_decay,
+      mask=lambda p: weight_decay_mask(p, no_decay, tuple(_get(optim_cfg, "decay"))))
   parts = []
   mode, value = _get(optim_cfg, "grad_clip_mode"), _get(optim_cfg, "grad_clip_value")
   if mode == "norm" and value > 0:

@@ -101,9 +101,10 @@ def abstract_params(config, num_classes: int) -> Any:
   return _abstract_params(config.model.name, _frozen(overrides))
 
 
-def no_decay_paths(params: Any, no_decay) -> list[str]:
+def no_decay_paths(params: Any, no_decay, decay=()) -> list[str]:
   """Paths ('blocks_0/attn/qkv/bias') that `optim.weight_decay_mask` exempts from decay."""
-  mask = flax.traverse_util.flatten_dict(optim.weight_decay_mask(params, tuple(no_decay)), sep="/")
+  mask = flax.traverse_util.flatten_dict(
+      optim.weight_decay_mask(params, tuple(no_decay), tuple(decay)), sep="/")
   return sorted(path for path, decayed in mask.items() if not decayed)
 
 
@@ -160,7 +161,8 @@ def recipe_card(config: ml_collections.ConfigDict, *, num_train: int | None = No
       "lr_at_epoch": {str(e): float(lr) for e, lr in enumerate(lrs)},
       "lr_scales": _plain(config.optim.get("lr_scales", ())),
       "weight_decay": float(config.optim.weight_decay),
-      "no_decay": no_decay_paths(abstract_params(config, num_classes), config.optim.no_decay),
+      "no_decay": no_decay_paths(abstract_params(config, num_classes), config.optim.no_decay,
+                                 config.optim.get("decay", ())),
       "optimizer": {"name": "adamw", "betas": [config.optim.b1, config.optim.b2],
                     "eps": config.optim.eps},
       "repeated_augmentation": int(aug.get("repeated_aug", 1) or 1),

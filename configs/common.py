@@ -152,12 +152,16 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.optim.warmup_epochs = 5.0
   c.optim.warmup_lr = 1e-6
   c.optim.min_lr = 1e-5
+  c.optim.lr_schedule = "cosine"  # cosine | constant (timm's --sched none)
   c.optim.lr_schedule_unit = "epoch"  # timm's cosine stepped per epoch (DeiT); "step": per step
+  c.optim.warmup_prefix = True  # "step" unit: cosine after the warmup (False: timm's, from step 0)
   c.optim.lr_epoch_lag = 1  # epoch e at the scheduler's e-1: DeiT calls step(epoch) after it
   c.optim.cooldown_epochs = 0  # last epochs held at min_lr; total_epochs includes them
   c.optim.grad_clip_mode = "none"  # none | norm (global norm) | agc (timm's unit-wise AGC)
   c.optim.grad_clip_value = 0.0  # max norm, or AGC's clip factor; 0 = off (DeiT does not clip)
   c.optim.no_decay = ("cls_token", "dist_token", "pos_embed")  # plus every 1-D parameter
+  c.optim.decay = ()  # path regexes decayed whatever their rank
+  c.optim.lr_scales = ()  # ((path regex, lr multiplier[, from_epoch]), ...)
   c.ema_decay = 0.99996  # 0 = off; DeiT's main.py keeps this EMA (--model-ema on by default)
 
   c.distill = ml_collections.ConfigDict()

@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.optim.lr_schedule = "constant"
   c.optim.warmup_epochs = 0.0
   c.optim.weight_decay = 1e-3
+  c.optim.decay = ("zeta$",)  # the masks are decayed: the authors store them as 3-D+ tensors
   gpus = 4  # the README's command; search.py divides w1, w2, w3 by the world size
   c.objective = ml_collections.ConfigDict(
       {"name": "vit_slim", "w1": 2e-4 / gpus, "w2": 5e-5 / gpus, "w3": 1e-4 / gpus})
@@ -61,10 +62,7 @@ def get_config(arg=None):
   common.cite_defaults(c, main, "lr_scales", "optimizer", "grad_clip", "label_smoothing", "mixup",
                        "cutmix", "randaugment", "random_erasing", "drop_path", "distill", "eval")
   common.depart(
-      c, no_decay="the MLP and patch masks are 1-D here ((hidden,), (tokens,)) and "
-      "optim.weight_decay_mask exempts every 1-D parameter; the authors store them as 3-D "
-      "tensors, so timm decays them (at wd 1e-3 x lr 5e-4: 5e-7 of their value per step)",
-      patch_tokens="pruned patch tokens are zeroed, not removed (see compact_vit/models/"
+      c, patch_tokens="pruned patch tokens are zeroed, not removed (see compact_vit/models/"
       "vit_slim.py): the extracted model's MACs do not drop with budget_patch")
   if args.quick:
     common.make_quick_deit(c)
