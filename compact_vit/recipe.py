@@ -246,7 +246,7 @@ NASVIT_ROW = dict(
     schedule=_cosine("timm_step", warmup_lr=5e-7 * 4, min_lr=5e-6 * 4), weight_decay=0.0,
     no_decay=None, repeated_augmentation=1, mixup=0.01,
     grad_clip={"mode": "norm", "value": 1.0, "scope": "subnets"},
-    cutmix=0.01, randaugment="rand-n1-m1-mstd0.5-inc1", random_erasing=0.01, drop_path=0.01,
+    cutmix=0.01, randaugment="rand-n1-m1-mstd0.5-inc1", random_erasing=0.01, drop_path=0.0,
     ema_decay=0.99985, eval=_eval(288),
     distill={"type": "soft", "teacher": "swsl_resnext101_32x4d+swsl_resnext101_32x8d",
              "alpha": 1.0, "tau": 0.2})
