@@ -248,7 +248,7 @@ NASVIT_ROW = dict(
     grad_clip={"mode": "norm", "value": 1.0, "scope": "subnets"},
     cutmix=0.01, randaugment="rand-n1-m1-mstd0.5-inc1", random_erasing=0.01, drop_path=0.0,
     ema_decay=0.99985, eval=_eval(288),
-    distill={"type": "soft", "teacher": "swsl_resnext101_32x4d+swsl_resnext101_32x8d",
+    distill={"type": "soft", "teacher": "resnext101_32x4d,resnext101_32x8d",
              "alpha": 1.0, "tau": 0.2})
 VIT_SLIM_ROW = dict(DEIT_ROW, family="ViT-Slim")
 

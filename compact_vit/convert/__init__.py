@@ -15,6 +15,7 @@ from compact_vit.convert.core import (load_pytorch_state_dict, read_state_dict,
                                       register_converter)
 from compact_vit.convert import vit  # noqa: F401  registers the ViT / DeiT converter
 from compact_vit.convert import efficientformer, regnet  # noqa: F401  EfficientFormer V1/V2, RegNetY
+from compact_vit.convert import resnet  # noqa: F401  ResNet / ResNeXt (NASViT's teachers)
 from compact_vit.convert import sepvit  # noqa: F401  registers the SepViT converter
 from compact_vit.convert import uninet  # noqa: F401  registers the UniNet converter
 from compact_vit.convert import token_reduction  # noqa: F401  DynamicViT, ATS, PatchMerger

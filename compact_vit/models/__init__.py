@@ -10,6 +10,7 @@ from compact_vit.models import vit  # noqa: F401
 from compact_vit.models import efficientformer  # noqa: F401
 from compact_vit.models import efficientformer_v2  # noqa: F401
 from compact_vit.models import regnet  # noqa: F401
+from compact_vit.models import resnet  # noqa: F401
 from compact_vit.models import sepvit  # noqa: F401
 from compact_vit.models import uninet  # noqa: F401
 from compact_vit.models import reformer  # noqa: F401

@@ -68,14 +68,14 @@ def combine_authors(g_sub: Any, g_sup: Any, per_tensor: jax.Array) -> Any:
   return jax.tree.map(one, g_sub, g_sup)
 
 
-def teacher_targets(ctx: StepContext, logit_scale: float) -> jax.Array | None:
+def teacher_targets(ctx: StepContext, tau: float) -> jax.Array | None:
   """The authors' targets for the largest subnet: the mean over the teachers of
-  softmax(logit_scale · teacher logits) (main.py: `(temp * teacher(x)).softmax(-1)`, temp 5,
-  averaged over their two ResNeXt teachers); None without a teacher."""
+  softmax(teacher logits / tau) (main.py: `(temp * teacher(x)).softmax(-1)` with temp 5, i.e.
+  tau = config.distill.tau = 0.2, averaged over their two ResNeXt teachers); None without one."""
   logits = ctx.all_teacher_logits()
   if not logits:
     return None
-  return sum(jax.nn.softmax(logit_scale * t.astype(jnp.float32), -1) for t in logits) / len(logits)
+  return sum(jax.nn.softmax(t.astype(jnp.float32) / tau, -1) for t in logits) / len(logits)
 
 
 def nasvit_sandwich(params, ctx: StepContext):
@@ -93,7 +93,7 @@ def nasvit_sandwich(params, ctx: StepContext):
   * "projection" (the paper's text): each subnet's gradient that conflicts with the largest's is
     projected onto its normal plane, over the whole parameter tree; then everything is summed.
   * "sum": the plain sum.
-  Teacher targets: `teacher_logit_scale` (5, the authors' `temp`) sharpens each teacher.
+  Teacher targets: each teacher's softmax at temperature config.distill.tau (the authors' 1/5).
 
   Resolutions (`resolutions`, default the input's size only): as the authors' sampler, the
   largest subnet runs at the largest, the smallest at the smallest, each random subnet at a
@@ -120,7 +120,7 @@ def nasvit_sandwich(params, ctx: StepContext):
       jnp.asarray([len(resolutions) - 1, 0], jnp.int32),
       jax.random.randint(res_key, (num_random,), 0, len(resolutions), jnp.int32)])
   zeros = jax.tree.map(jnp.zeros_like, params)
-  largest_targets = teacher_targets(ctx, float(opts.get("teacher_logit_scale", 5.0)))
+  largest_targets = teacher_targets(ctx, float(ctx.distill.get("tau", 1.0)))
   if largest_targets is None:
     largest_targets = ctx.targets
 
