@@ -16,8 +16,9 @@ changes), ReLU after the sum -> global average pool -> `fc`. Bottleneck width:
 floor(planes * base_width / 64) * cardinality.
 
 Departures from timm: none in the forward pass; logits are float32 whatever the compute `dtype`.
-At initialisation `bn3` keeps scale 1 (timm zero-initialises it): the model is meant to be loaded
-from a converted checkpoint, as a teacher.
+At initialisation `bn3` keeps scale 1 (timm zero-initialises it) and `fc`'s bias starts at zero
+(torch: uniform +-1/sqrt(fan_in)): the model is meant to be loaded from a converted checkpoint, as
+a teacher.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from flax import linen as nn
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, batch_norm, check_input_size, check_settings,
                                    drop_path_rates, pool2d, settings_problems, to_pair)
+from compact_vit.nn.layers import conv_init as torch_default_init
 
 # Variant table: name -> fields of ResNet (timm's resnet50, resnext50_32x4d, resnext101_32x{4,8}d).
 VARIANTS: dict[str, dict] = {
@@ -41,7 +43,8 @@ VARIANTS: dict[str, dict] = {
 }
 EXPANSION = 4  # a bottleneck's output channels per plane
 
-# timm's init: convs kaiming normal (fan_out, ReLU); the classifier as torch's nn.Linear.
+# timm's init: convs kaiming normal (fan_out, ReLU); the classifier keeps torch's nn.Linear weight
+# init (kaiming uniform, a=sqrt(5): variance 1/(3 fan_in)).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -120,8 +123,8 @@ class ResNet(nn.Module):
                        drop_path_rate=next(rates), dtype=dtype, param_dtype=pdt,
                        name=f"layer{i + 1}_{j}")(x, train)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x.mean(axis=(1, 2)))
-    return nn.Dense(self.num_classes, dtype=dtype, param_dtype=pdt, name="fc")(x).astype(
-        jnp.float32)
+    return nn.Dense(self.num_classes, kernel_init=torch_default_init, dtype=dtype, param_dtype=pdt,
+                    name="fc")(x).astype(jnp.float32)
 
 
 for _name, _fields in VARIANTS.items():
