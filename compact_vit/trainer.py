@@ -298,9 +298,11 @@ def load_teacher(config: ml_collections.ConfigDict):
   return tuple(teachers), tuple(all_variables)
 
 
-def schedule_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps); total_steps overrides total_epochs when set."""
-  steps_per_epoch = max(num_train // config.batch_size, 1)
+def schedule_lengths(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps) for the input pipeline's `steps_per_epoch` (the batches of one
+  epoch: the train split over the global batch, or DeiT's count with repeated augmentation);
+  total_steps overrides total_epochs when set."""
   total = config.total_steps
   if total is None:
     total = int(math.ceil(config.total_epochs * steps_per_epoch))
@@ -454,7 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   slices, num_slices = input_slices(config)
   info = pipeline.get_info(config.dataset)
-  steps_per_epoch, total_steps = schedule_lengths(config, info.num_train)
+  steps_per_epoch, total_steps = schedule_lengths(config, pipeline.steps_per_epoch(
+      config.dataset, batch_size=config.batch_size // num_slices, process_count=num_slices,
+      aug_cfg=config.aug))
   local_eval_batch = config.eval_batch_size // nproc
 
   # Model, optimizer, state shapes.
