@@ -236,7 +236,7 @@ def test_wrong_input_size_is_a_user_error():
 FAMILY_MODELS = ("deit_tiny_patch16_224", "dynamicvit_deit_s", "ats_deit_s", "patchmerger_vit_s16",
                  "efficientformer_l1", "efficientformerv2_s0", "sepvit_t", "uninet_b0",
                  "regnety_160", "reformer_vit_ti16", "autoformer_t", "autoformer_supernet_t",
-                 "tftas_t", "nasvit_a0", "vit_slim_deit_s")
+                 "tftas_t", "nasvit_a0", "vit_slim_deit_s", "resnext50_32x4d")
 
 
 @pytest.mark.parametrize("name", FAMILY_MODELS)
