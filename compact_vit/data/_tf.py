@@ -1,10 +1,39 @@
-"""Imports TensorFlow and TFDS for host-side input pipelines: quiet, and never on an accelerator."""
+"""Imports TensorFlow and TFDS for host-side input pipelines: quiet, and never on an accelerator.
+
+TensorFlow's C++ runtime prints a oneDNN notice (twice, with absl's "before InitializeLog" line)
+while it loads, before any Python logging setting applies. The import runs with the process's
+stderr captured; known notices are dropped and anything else is written back to stderr."""
 import os
+import sys
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
+_NOISE = ('oneDNN custom operations are on',
+          'All log messages before absl::InitializeLog() is called are written to STDERR')
+
+
+def _import_quietly():
+  """`import tensorflow, tensorflow_datasets` with stderr (file descriptor 2) captured; returns
+  the modules. Lines that are not known notices are passed on."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow as tf_module  # pylint: disable=import-outside-toplevel
+      import tensorflow_datasets as tfds_module  # pylint: disable=import-outside-toplevel
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors='replace').splitlines(keepends=True)
+              if not any(noise in line for noise in _NOISE)]
+      sys.stderr.write(''.join(kept))
+  return tf_module, tfds_module
+
+
+tf, tfds = _import_quietly()
 
 try:  # TF must not take GPU/TPU memory that JAX needs.
   tf.config.set_visible_devices([], 'GPU')

@@ -9,7 +9,9 @@ contiguous, near-equal part, the first (size % n) parts one example larger.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from typing import Any, Callable
 
@@ -69,7 +71,14 @@ class TfdsDataset:
   def __init__(self, name: str, data_dir: str | None):
     if name == 'digits':
       from compact_vit.data import digits  # pylint: disable=g-import-not-at-top
-      builder = digits.Digits(data_dir=data_dir)
+      with _tfds_quiet():
+        builder = digits.Digits(data_dir=data_dir)
+        prepared = builder.is_prepared()
+      if not prepared:
+        print(f'Preparing the embedded digits dataset (1,797 images, once) in '
+              f'{os.fspath(builder.data_dir_root)}.', flush=True)
+        with _tfds_quiet():
+          builder.download_and_prepare()
     else:
       try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -133,6 +142,20 @@ class TfdsDataset:
 
     return Shard(size=sum(f.take for f in files), records=records, load=lambda r: r,
                  exact_shuffle=False, fixed_shape=self.fixed_shape)
+
+
+@contextlib.contextmanager
+def _tfds_quiet():
+  """TFDS's preparation chatter (its 'Unknown size' lines on stdout, absl warnings about empty
+  version folders) silenced: the embedded dataset prints one line of its own instead."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def _prepare_command(name: str, root: str) -> str:
