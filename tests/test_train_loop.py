@@ -52,6 +52,8 @@ def test_quick_run_writes_metrics_checkpoints_and_eval(tmp_path, data_dir):
   train = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
   assert all(k in train[0] for k in ("train/lr", "train/images_per_sec"))
+  assert all(0.0 <= r["train/input_wait_fraction"] <= 1.0 for r in train)  # input-bound share
+  assert "input wait" in out.stdout
   evals = [r for r in records if "val/top1" in r]
   assert [r["step"] for r in evals] == [12, 24]
   assert 0.0 <= evals[-1]["val/top1"] <= evals[-1]["val/top5"] <= 1.0

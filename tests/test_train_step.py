@@ -225,3 +225,17 @@ def test_lr_scales_multiply_the_updates_of_matching_parameters():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["score_predictor_0"]["kernel"], 1.0)
   np.testing.assert_allclose(updates["blocks_0"]["kernel"], 0.01)
+
+
+def test_progress_reports_the_share_of_time_spent_waiting_for_input(monkeypatch, capsys):
+  """Progress: waited seconds over the wall time between two updates; over half is flagged."""
+  from compact_vit import writers  # pylint: disable=import-outside-toplevel
+  clock = iter([10.0, 14.0])
+  monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
+  progress = writers.Progress(total_steps=100, batch_size=8)
+  progress.update(1)
+  progress.input_wait(1.0)
+  progress.input_wait(2.0)
+  assert progress.update(5) == 4 * 8 / 4.0 and progress.input_fraction == 0.75
+  progress.show(5, 1.0, 1e-3)
+  assert "input wait 75%  INPUT-BOUND" in capsys.readouterr().out
