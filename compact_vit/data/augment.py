@@ -6,8 +6,11 @@ Every random draw comes from `key`, a stateless seed (2,) int64, so each functio
 The PIL image ops (AutoContrast, Equalize, Posterize, Solarize, ImageEnhance Color/Contrast/
 Brightness/Sharpness, ...) follow PIL's formulas, including its truncation to uint8 when blending.
 Departure from timm: the geometric RandAugment ops (Rotate, ShearX/Y, TranslateX/YRel) sample
-bilinearly (TF has no bicubic affine warp) and blend the fill colour into the edge pixels, where
-PIL samples bicubically with a hard edge.
+bilinearly and blend the fill colour into the edge pixels, where PIL (with timm's 'bicubic' setting)
+samples bicubically with a hard edge.
+
+Every op but `random_erasing` compiles with XLA (`tf.function(jit_compile=True)`): no data-dependent
+shapes, histograms with a fixed bin count, and gathers instead of TF's image-transform op.
 """
 from __future__ import annotations
 
@@ -64,16 +67,15 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
   """ImageOps.equalize: per-channel histogram equalisation with PIL's lookup table."""
-  channels = []
-  for c in range(3):
-    x = tf.cast(image[..., c], tf.int32)
-    hist = tf.math.bincount(x, minlength=256, maxlength=256)
-    last = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))  # count of the brightest used value
-    step = (tf.reduce_sum(hist) - last) // 255
-    lut = (step // 2 + tf.cumsum(hist, exclusive=True)) // tf.maximum(step, 1)
-    lut = tf.cast(tf.clip_by_value(lut, 0, 255), tf.uint8)
-    channels.append(tf.where(step > 0, tf.gather(lut, x), image[..., c]))
-  return tf.stack(channels, axis=-1)
+  x = tf.cast(image, tf.int32) + tf.constant([0, 256, 512])  # One histogram of 3 x 256 bins.
+  hist = tf.reshape(tf.raw_ops.DenseBincount(input=tf.reshape(x, [-1]), size=768,
+                                             weights=tf.constant([], tf.int32)), [3, 256])
+  used = tf.cast(hist > 0, tf.int32) * tf.range(256)
+  last = tf.gather(hist, tf.reduce_max(used, axis=1), batch_dims=1)  # count of the brightest used value
+  step = (tf.reduce_sum(hist, axis=1) - last) // 255
+  lut = (step[:, None] // 2 + tf.cumsum(hist, axis=1, exclusive=True)) // tf.maximum(step, 1)[:, None]
+  lut = tf.where(step[:, None] > 0, tf.clip_by_value(lut, 0, 255), tf.range(256)[None])
+  return tf.cast(tf.gather(tf.reshape(lut, [-1]), x), tf.uint8)
 
 
 def invert(image: tf.Tensor) -> tf.Tensor:
@@ -116,27 +118,47 @@ def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
 def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   """ImageEnhance.Sharpness: 0 gives PIL's SMOOTH filter (3x3, centre 5, /13; border pixels kept)."""
   x = tf.cast(image, tf.float32)
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.round(tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], 'VALID')[0])
-  inner = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(inner > 0, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), x)
-  return _blend(degenerate, image, factor)
+  h, w = tf.shape(x)[0], tf.shape(x)[1]
+  # Sums of whole numbers are exact, so the order of the nine shifted sums does not matter.
+  total = 4. * x[1:h - 1, 1:w - 1]
+  for dy in range(3):
+    for dx in range(3):
+      total += x[dy:h - 2 + dy, dx:w - 2 + dx]
+  inner = tf.pad(tf.round(total / 13.), [[1, 1], [1, 1], [0, 0]])
+  border = tf.pad(tf.zeros_like(total, tf.bool), [[1, 1], [1, 1], [0, 0]], constant_values=True)
+  return _blend(tf.where(border, x, inner), image, factor)
 
 
 def _affine(image: tf.Tensor, matrix: Sequence[tf.Tensor], fill: Sequence[int]) -> tf.Tensor:
   """PIL Image.transform(AFFINE, matrix): output pixel (x, y) samples the input at
-  (a x + b y + c, d x + e y + f) in PIL's continuous coordinates; outside pixels get `fill`."""
-  a, b, c, d, e, f = [tf.cast(m, tf.float32) for m in matrix]
-  # PIL measures from pixel corners, TF from pixel centres.
-  c, f = c + 0.5 * (a + b - 1.), f + 0.5 * (d + e - 1.)
-  transform = tf.stack([a, b, c, d, e, f, 0., 0.])[None]
-  x = tf.cast(image, tf.float32)
-  x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)  # 4th channel: 1 where the input was sampled.
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=x[None], transforms=transform, output_shape=tf.shape(image)[:2], fill_value=0.,
-      interpolation='BILINEAR', fill_mode='CONSTANT')[0]
-  out = out[..., :3] + (1. - out[..., 3:]) * tf.constant(fill, tf.float32)
+  (a x + b y + c, d x + e y + f) in PIL's continuous coordinates, bilinearly, as if the image were
+  surrounded by `fill` (so edge pixels blend into it). Gathers only, so XLA compiles it."""
+  matrix = tf.cast(tf.stack(matrix), tf.float32)
+  # `+ 0 * sum(matrix)` hides the constant entries of translate and shear from XLA, whose gathers with
+  # constant-folded indices ran 7x slower than generic ones here; XLA does not fold a float times 0
+  # (it could be NaN) unless it knows the float is finite.
+  a, b, c, d, e, f = tf.unstack(matrix + 0. * tf.reduce_sum(matrix))
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  fill = tf.constant(fill, tf.float32)
+  # Two pixels of padding hold `fill` (zero after the shift by -fill); samples further out are
+  # clamped onto it, so their four neighbours are all fill.
+  pad = 2
+  flat = tf.reshape(tf.pad(tf.cast(image, tf.float32) - fill, [[pad, pad], [pad, pad], [0, 0]]), [-1, 3])
+  wp, hp = w + 2 * pad, h + 2 * pad
+  cols = tf.range(tf.cast(w, tf.float32))[None, :]
+  rows = tf.range(tf.cast(h, tf.float32))[:, None]
+  # Pixel indices of the sample (PIL measures from pixel corners, indices from pixel centres).
+  sx = a * cols + b * rows + (c + 0.5 * (a + b - 1.))
+  sy = d * cols + e * rows + (f + 0.5 * (d + e - 1.))
+  x0, y0 = tf.floor(sx), tf.floor(sy)
+  fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+  ix = tf.clip_by_value(tf.cast(x0, tf.int32) + pad, 0, wp - 2)
+  iy = tf.clip_by_value(tf.cast(y0, tf.int32) + pad, 0, hp - 2)
+  corner = iy * wp + ix
+  v00, v01, v10, v11 = tf.unstack(tf.gather(flat, tf.stack([corner, corner + 1, corner + wp,
+                                                            corner + wp + 1])))
+  out = ((1. - fx) * v00 + fx * v01) * (1. - fy) + ((1. - fx) * v10 + fx * v11) * fy + fill
   return tf.cast(tf.clip_by_value(tf.round(out), 0., 255.), tf.uint8)
 
 
@@ -295,11 +317,17 @@ def random_erasing(x: tf.Tensor, key: tf.Tensor, prob: float, *, min_area: float
   ew = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
   fits = (ew < w) & (eh < h)
   first = tf.argmax(tf.cast(fits, tf.int32))
-  eh, ew = eh[first], ew[first]
+  eh, ew = tf.gather(eh, first), tf.gather(ew, first)  # Not eh[first]: XLA would recompile per value.
   erase = (uniform(k_apply) < prob) & tf.reduce_any(fits)
   top = randint(k_top, 0, h - eh)
   left = randint(k_left, 0, w - ew)
-  rows = tf.range(h)[:, None]
-  cols = tf.range(w)[None, :]
-  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & erase
-  return tf.where(inside[..., None], tf.random.stateless_normal([h, w, c], k_noise), x)
+
+  def erased():
+    # Noise for the rectangle only, padded into place (outside XLA, whose random numbers on CPU
+    # came out 30x slower than TF's).
+    noise = tf.random.stateless_normal([eh, ew, c], k_noise)
+    placed = tf.pad(noise, [[top, h - top - eh], [left, w - left - ew], [0, 0]])
+    inside = tf.pad(tf.ones([eh, ew, 1], tf.bool), [[top, h - top - eh], [left, w - left - ew], [0, 0]])
+    return tf.where(inside, placed, x)
+
+  return tf.cond(erase, erased, lambda: x)  # The noise is only drawn for erased images.

@@ -10,10 +10,19 @@ Inputs are encoded image bytes (decoded here; JPEGs with the crop fused into dec
 accurate DCT as PIL) or already decoded uint8 (H, W, 3). Images stay uint8 until normalisation and are
 rounded back to uint8 after resampling, as with PIL. All randomness comes from `key`, a stateless seed
 (2,) int64, so a train example is a pure function of (image, key).
+
+Speed (see benchmarks/input_pipeline.py): JPEGs decode only the pixels the crop needs (train: the
+random crop; eval: the centre window plus the resampling kernel's reach, resampled straight to the
+output window); everything after resampling that has a static shape (rounding, flip, RandAugment,
+colour jitter, normalisation) runs as one XLA-compiled function per example, which fuses the pixel
+loops TF would run op by op (`_finish_train`). Random erasing stays outside XLA, whose random
+numbers on CPU are slow, and draws noise for the erased rectangle only. Resampling (TF's
+ScaleAndTranslate on the decoded crop, whose size varies) is now the largest cost after decoding.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -82,15 +91,34 @@ def decode_and_crop(data: tf.Tensor, box_fn: Callable[[tf.Tensor], Sequence[tf.T
                  lambda: crop(tf.io.decode_image(data, channels=3, expand_animations=False)))
 
 
+def resize_float(image: tf.Tensor, size: Sequence[Any], scale: Any = None,
+                 translation: Any = None) -> tf.Tensor:
+  """Bicubic (Keys, a = -0.5), antialiased resampling of (H, W, C) to float32 `size` (h, w), unrounded.
+  Output pixel (i, j) samples the input at ((i + 0.5 - translation) / scale) - 0.5 (pixel centres);
+  scale defaults to size / (H, W) and translation to 0: a plain resize, as tf.image.resize."""
+  if scale is None:
+    scale = tf.cast(tf.stack(size), tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
+  if translation is None:
+    translation = tf.zeros([2], tf.float32)
+  return tf.raw_ops.ScaleAndTranslate(images=image[None], size=tf.stack(size), scale=scale,
+                                      translation=translation, kernel_type='keyscubic',
+                                      antialias=True)[0]
+
+
+def round_to_uint8(x: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.clip_by_value(tf.round(x), 0., 255.), tf.uint8)
+
+
 def resize(image: tf.Tensor, size: Sequence[Any]) -> tf.Tensor:
   """Bicubic, antialiased resize of uint8 (H, W, 3) to `size` (h, w), rounded back to uint8."""
-  out = tf.image.resize(image, size, method='bicubic', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(out), 0., 255.), tf.uint8)
+  return round_to_uint8(resize_float(image, size))
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """uint8 → float32 (x / 255 - mean) / std."""
-  return (tf.cast(image, tf.float32) / 255. - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+  scale = [1. / (255. * s) for s in std]
+  offset = [-m / s for m, s in zip(mean, std)]
+  return tf.cast(image, tf.float32) * tf.constant(scale, tf.float32) + tf.constant(offset, tf.float32)
 
 
 def random_resized_crop_box(shape: tf.Tensor, key: tf.Tensor, scale: Sequence[float],
@@ -119,6 +147,35 @@ def random_resized_crop_box(shape: tf.Tensor, key: tf.Tensor, scale: Sequence[fl
   return [top, left, ch, cw]
 
 
+@functools.lru_cache(maxsize=None)
+def _finish_train(aug: TrainAugment, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+  """XLA-compiled: resized float32 (img_size, img_size, 3) and the keys of flip and colour → rounded to
+  uint8, flipped, RandAugment / colour jitter, normalised. One compilation per setting; XLA fuses the
+  pixel loops that TF would run op by op."""
+  fill = [min(255, round(255 * m)) for m in mean]
+  ra_config = augment.RandAugmentConfig.parse(aug.randaugment) if aug.randaugment else None
+
+  @tf.function(jit_compile=True, reduce_retracing=True)
+  def finish(resized, k_flip, k_color):
+    image = round_to_uint8(resized)
+    if aug.hflip:
+      image = tf.cond(augment.uniform(k_flip) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+    if ra_config is not None:
+      image = augment.randaugment(image, k_color, ra_config, fill)
+    elif aug.color_jitter > 0:
+      image = augment.color_jitter(image, k_color, aug.color_jitter)
+    return normalize(image, mean, std)
+
+  return finish
+
+
+@functools.lru_cache(maxsize=None)
+def _finish_eval(mean: tuple[float, ...], std: tuple[float, ...]):
+  """XLA-compiled: resized float32 → rounded to uint8 → normalised."""
+  return tf.function(lambda resized: normalize(round_to_uint8(resized), mean, std), jit_compile=True,
+                     reduce_retracing=True)
+
+
 def train_transform(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *, img_size: int,
                     mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """Encoded bytes or uint8 (H, W, 3) → augmented, normalised float32 (img_size, img_size, 3)."""
@@ -127,35 +184,60 @@ def train_transform(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *, img_s
     image = decode_and_crop(data, lambda s: random_resized_crop_box(s, k_crop, aug.scale, aug.ratio))
   else:
     image = decode(data)
-  image = resize(image, [img_size, img_size])
-  if aug.hflip:
-    image = tf.cond(augment.uniform(k_flip) < 0.5, lambda: image[:, ::-1], lambda: image)
-  if aug.randaugment:
-    fill = [min(255, round(255 * m)) for m in mean]
-    image = augment.randaugment(image, k_color, augment.RandAugmentConfig.parse(aug.randaugment), fill)
-  elif aug.color_jitter > 0:
-    image = augment.color_jitter(image, k_color, aug.color_jitter)
-  x = tf.ensure_shape(normalize(image, mean, std), [img_size, img_size, 3])
-  if aug.random_erasing > 0:
+  resized = tf.ensure_shape(resize_float(image, [img_size, img_size]), [img_size, img_size, 3])
+  finish = _finish_train(aug, img_size, tuple(mean), tuple(std))
+  x = tf.ensure_shape(finish(resized, k_flip, k_color), [img_size, img_size, 3])
+  if aug.random_erasing > 0:  # Outside XLA: see augment.random_erasing.
     x = augment.random_erasing(x, k_erase, aug.random_erasing)
   return x
+
+
+def eval_window(shape: tf.Tensor, img_size: int, crop_pct: float):
+  """Where the eval transform reads: (box [top, left, height, width] of the input, scale (2,),
+  translation (2,)) such that resampling the box with that scale and translation gives the centre
+  img_size crop of the image resized to a shorter side of floor(img_size / crop_pct), the box being
+  every input pixel the bicubic kernel reaches plus a 2-pixel margin."""
+  scale_size = math.floor(img_size / crop_pct)
+  hw = tf.cast(shape[:2], tf.float64)
+  # torchvision Resize(int): the shorter side becomes scale_size, the longer int(scale_size * long / short).
+  long_side = tf.floor(scale_size * tf.reduce_max(hw) / tf.reduce_min(hw))
+  new_hw = tf.where(hw[0] <= hw[1], tf.stack([float(scale_size), long_side]),
+                    tf.stack([long_side, float(scale_size)]))
+  offset = tf.round((new_hw - img_size) / 2.)  # The centre crop, in resized pixels.
+  scale = new_hw / hw
+  radius = 2. / tf.minimum(scale, 1.)  # The antialiased kernel widens when downscaling.
+  first = (offset + 0.5) / scale - 0.5
+  last = (offset + img_size - 0.5) / scale - 0.5
+  start = tf.maximum(tf.floor(first - radius) - 2., tf.zeros_like(first))
+  end = tf.minimum(hw, tf.math.ceil(last + radius) + 3.)
+  box = tf.cast(tf.concat([start, end - start], 0), tf.int32)
+  translation = -offset + start * scale  # In the box's coordinates.
+  return box, tf.cast(scale, tf.float32), tf.cast(translation, tf.float32)
 
 
 def eval_transform(data: tf.Tensor, *, img_size: int, crop_pct: float, mean: Sequence[float],
                    std: Sequence[float]) -> tf.Tensor:
   """Encoded bytes or uint8 (H, W, 3) → resized, center-cropped, normalised float32
-  (img_size, img_size, 3)."""
-  image = decode(data)
-  scale_size = math.floor(img_size / crop_pct)
-  h = tf.shape(image)[0]
-  w = tf.shape(image)[1]
-  # torchvision Resize(int): the shorter side becomes scale_size, the longer int(scale_size * long / short).
-  long_side = tf.cast(scale_size * tf.cast(tf.maximum(h, w), tf.float64) /
-                      tf.cast(tf.minimum(h, w), tf.float64), tf.int32)
-  new_h = tf.where(h <= w, scale_size, long_side)
-  new_w = tf.where(h <= w, long_side, scale_size)
-  image = resize(image, [new_h, new_w])
-  top = tf.cast(tf.round(tf.cast(new_h - img_size, tf.float32) / 2.), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - img_size, tf.float32) / 2.), tf.int32)
-  image = image[top:top + img_size, left:left + img_size]
-  return tf.ensure_shape(normalize(image, mean, std), [img_size, img_size, 3])
+  (img_size, img_size, 3). Only the centre window is decoded (JPEG) and resampled."""
+  def resampled(image, shape, crop_to_box):
+    box, scale, translation = eval_window(shape, img_size, crop_pct)
+    window = crop_to_box(image, box)
+    return resize_float(window, [img_size, img_size], scale, translation)
+
+  def crop(image, box):
+    return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+
+  def jpeg():
+    return resampled(data, tf.image.extract_jpeg_shape(data), lambda d, box: tf.image.decode_and_crop_jpeg(
+        d, box, channels=3, dct_method='INTEGER_ACCURATE'))
+
+  def other():
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return resampled(image, tf.shape(image), crop)
+
+  if data.dtype == tf.uint8:
+    resized = resampled(data, tf.shape(data), crop)
+  else:
+    resized = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+  resized = tf.ensure_shape(resized, [img_size, img_size, 3])
+  return tf.ensure_shape(_finish_eval(tuple(mean), tuple(std))(resized), [img_size, img_size, 3])
