@@ -14,16 +14,11 @@ shapes, histograms with a fixed bin count, and gathers instead of TF's image-tra
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from typing import Callable, Sequence
 
 from compact_vit.data._tf import tf
-from compact_vit.errors import UserError
-
-_LEVEL_DENOM = 10.  # timm: magnitude M is an op's fraction M / 10 of its full strength.
-_RA_HELP = "timm syntax, e.g. 'rand-m9-mstd0.5-inc1' (sections m, n, mstd, mmax, inc), or '' for off"
+from compact_vit.data.settings import LEVEL_DENOM, RandAugmentConfig  # pylint: disable=unused-import
 
 
 def uniform(key: tf.Tensor, shape=(), minval=0., maxval=1.) -> tf.Tensor:
@@ -190,34 +185,6 @@ def translate_y(image: tf.Tensor, pixels: tf.Tensor, fill: Sequence[int]) -> tf.
 
 # RandAugment.
 
-@dataclasses.dataclass(frozen=True)
-class RandAugmentConfig:
-  """Parsed timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1'."""
-  magnitude: float = 10.
-  num_layers: int = 2
-  magnitude_std: float = 0.  # inf: magnitude ~ U(0, magnitude).
-  magnitude_max: float = 10.
-  increasing: bool = False
-
-  @classmethod
-  def parse(cls, spec: str) -> 'RandAugmentConfig':
-    parts = spec.split('-')
-    if parts[0] != 'rand':
-      raise UserError(f'randaugment={spec!r} must start with "rand": {_RA_HELP}.')
-    fields = {'m': 'magnitude', 'n': 'num_layers', 'mstd': 'magnitude_std', 'mmax': 'magnitude_max',
-              'inc': 'increasing'}
-    kwargs = {}
-    for part in parts[1:]:
-      match = re.fullmatch(r'([a-z]+)(\d+(?:\.\d+)?)', part)
-      if not match or match[1] not in fields:
-        raise UserError(f'randaugment={spec!r}: unsupported section {part!r}; use {_RA_HELP}.')
-      key, value = fields[match[1]], float(match[2])
-      if key == 'magnitude_std' and value > 100:  # timm: mstd > 100 means uniform sampling.
-        value = math.inf
-      kwargs[key] = int(value) if key == 'num_layers' else bool(value) if key == 'increasing' else value
-    return cls(**kwargs)
-
-
 def _negate(value: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
   """timm _randomly_negate: flips the sign with probability 1/2."""
   return tf.where(uniform(key) > 0.5, -value, value)
@@ -233,7 +200,7 @@ Op = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]  # (image, magnitude
 def _ops(increasing: bool, fill: Sequence[int]) -> list[Op]:
   """timm's _RAND_TRANSFORMS (or _RAND_INCREASING_TRANSFORMS) with their magnitude→argument maps."""
   def level(m):
-    return m / _LEVEL_DENOM
+    return m / LEVEL_DENOM
 
   if increasing:
     enhance = lambda m, k: tf.maximum(0.1, 1. + _negate(level(m) * 0.9, k))
@@ -282,7 +249,7 @@ def randaugment(image: tf.Tensor, key: tf.Tensor, config: RandAugmentConfig,
       magnitude = uniform(k_mag, maxval=config.magnitude)
     elif config.magnitude_std > 0:
       magnitude += config.magnitude_std * tf.random.stateless_normal([], k_mag)
-    magnitude = tf.clip_by_value(magnitude, 0., config.magnitude_max or _LEVEL_DENOM)
+    magnitude = tf.clip_by_value(magnitude, 0., config.magnitude_max or LEVEL_DENOM)
     index = tf.random.stateless_uniform([], k_op, 0, len(ops), dtype=tf.int32)
     branches = [lambda op=op, img=image, m=magnitude, k=k_arg: op(img, m, k) for op in ops]
     image = tf.cond(uniform(k_apply) <= 0.5, lambda b=branches: tf.switch_case(index, b),

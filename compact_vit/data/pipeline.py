@@ -9,6 +9,12 @@ images share a shape), `mean`/`std` (ImageNet's, on the 0..1 scale). `aug_cfg`: 
 `transforms.TrainAugment`, plus `repeated_aug` / `repeated_aug_replicas` (`sampling.RepeatedAug`:
 DeiT's repeated augmentation, off when absent). Batch sizes are per process.
 
+`dataset_cfg.on_accelerator` (False): the host only decodes and crops, and the batches carry uint8
+crops zero-padded into a (2 img_size)^2 canvas with 'size', 'scale', 'translation' and (train)
+'aug_key'; the jitted step turns them into images with `accelerator.train_batch` /
+`accelerator.eval_batch` (resampling, flip, RandAugment, normalisation, erasing in JAX). The same
+(seed, step, slice) gives the same batch either way; the images differ only by the random draws.
+
 Train (`train_iterator`), infinite: each process reads its fixed, near-equal slice of the train split
 (`tfds.even_splits`). Epoch e shuffles that slice with the stateless seed (seed, e) (TFDS: file order
 plus a `shuffle_buffer` shuffle; folder and cached: a full permutation) and yields exactly
@@ -41,7 +47,7 @@ from compact_vit.errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
-                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,17 +173,37 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
       ds = repeated.arrange(ds, batch_size=batch_size, process_count=process_count)
     return ds.take(steps * batch_size).enumerate().map(lambda i, rec: (key, i, rec))
 
+  on_accelerator = bool(_field(dataset_cfg, 'on_accelerator'))
+
   def preprocess(key, i, record):
     ref, label = record
     key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
+    if on_accelerator:
+      example = transforms.train_example_for_accelerator(shard.load(ref), key, aug, img_size=img_size,
+                                                         canvas=_canvas(img_size))
+      return {**example, 'label': label}
     image = transforms.train_transform(shard.load(ref), key, aug, img_size=img_size, mean=mean, std=std)
     return {'image': image, 'label': label}
 
   # One pipeline for all epochs, so the augmentation graph is instantiated once.
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(skip_steps * batch_size)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(_options())
-  return ds.as_numpy_iterator()
+  ds = _batch(ds, batch_size, on_accelerator, img_size, drop_remainder=True)
+  return ds.prefetch(2).with_options(_options()).as_numpy_iterator()
+
+
+def _canvas(img_size: int) -> int:
+  from compact_vit.data import accelerator  # pylint: disable=g-import-not-at-top
+  return accelerator.canvas_size(img_size)
+
+
+def _batch(ds, batch_size: int, on_accelerator: bool, img_size: int, drop_remainder: bool = False):
+  """Batches; with `on_accelerator`, crops are zero-padded into the canvas as they are copied in."""
+  if not on_accelerator:
+    return ds.batch(batch_size, drop_remainder=drop_remainder)
+  canvas = _canvas(img_size)
+  shapes = {k: [canvas, canvas, 3] if k == 'image' else spec.shape for k, spec in ds.element_spec.items()}
+  return ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=drop_remainder)
 
 
 def num_eval_batches(dataset_cfg: Any, *, batch_size: int, process_count: int = 1) -> int:
@@ -203,13 +229,24 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   num_batches = num_eval_batches(dataset_cfg, batch_size=batch_size, process_count=process_count)
   shard = _shard(dataset_cfg, _field(dataset_cfg, 'eval_split'), process_index, process_count)
 
-  def preprocess(ref, label):
-    image = transforms.eval_transform(shard.load(ref), img_size=img_size, crop_pct=crop_pct, mean=mean,
-                                      std=std)
-    return {'image': image, 'label': label, 'mask': tf.constant(True)}
+  on_accelerator = bool(_field(dataset_cfg, 'on_accelerator'))
 
+  def preprocess(ref, label):
+    if on_accelerator:
+      example = transforms.eval_example_for_accelerator(shard.load(ref), img_size=img_size,
+                                                        crop_pct=crop_pct, canvas=_canvas(img_size))
+    else:
+      example = {'image': transforms.eval_transform(shard.load(ref), img_size=img_size,
+                                                    crop_pct=crop_pct, mean=mean, std=std)}
+    return {**example, 'label': label, 'mask': tf.constant(True)}
+
+  blank = {'image': tf.zeros([img_size, img_size, 3])}
+  if on_accelerator:
+    blank = {'image': tf.zeros([img_size, img_size, 3], tf.uint8), 'size': tf.constant([img_size] * 2),
+             'scale': tf.ones([2]), 'translation': tf.zeros([2])}
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([img_size, img_size, 3]), 'label': tf.constant(0, tf.int32),
+      **blank, 'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False)}).repeat(num_batches * batch_size - shard.size)
-  ds = shard.records(None).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).concatenate(padding)
-  return ds.batch(batch_size).prefetch(2).with_options(_options()).as_numpy_iterator()
+  ds = shard.records(None).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _batch(ds.concatenate(padding), batch_size, on_accelerator, img_size)
+  return ds.prefetch(2).with_options(_options()).as_numpy_iterator()

@@ -21,47 +21,13 @@ ScaleAndTranslate on the decoded crop, whose size varies) is now the largest cos
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, Sequence
 
 from compact_vit.data import augment
 from compact_vit.data._tf import tf
-from compact_vit.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainAugment:
-  """The train augmentation settings (`aug_cfg`), validated."""
-  random_resized_crop: bool = True  # Else a plain resize to img_size.
-  scale: tuple[float, float] = (0.08, 1.0)  # Crop area range, fractions of the image.
-  ratio: tuple[float, float] = (3 / 4, 4 / 3)  # Crop aspect (w / h) range, sampled log-uniformly.
-  hflip: bool = True  # Horizontal flip with probability 1/2.
-  randaugment: str = ''  # timm spec, e.g. 'rand-m9-mstd0.5-inc1'; '' is off.
-  random_erasing: float = 0.  # Probability (DeiT: 0.25); 0 is off.
-  color_jitter: float = 0.  # Strength; only used when randaugment is off, as in timm.
-
-  @classmethod
-  def from_config(cls, aug_cfg: Any) -> 'TrainAugment':
-    """From an attribute object with (a subset of) these fields; None means no augmentation."""
-    if aug_cfg is None:
-      return cls(random_resized_crop=False, hflip=False)
-    kwargs = {f.name: getattr(aug_cfg, f.name, f.default) for f in dataclasses.fields(cls)}
-    kwargs['scale'] = tuple(float(s) for s in kwargs['scale'])
-    kwargs['ratio'] = tuple(float(r) for r in kwargs['ratio'])
-    kwargs['randaugment'] = kwargs['randaugment'] or ''
-    aug = cls(**kwargs)
-    if len(aug.scale) != 2 or not 0 < aug.scale[0] <= aug.scale[1] <= 1:
-      raise UserError(f'aug.scale={aug.scale} must be (min, max) area fractions with 0 < min <= max <= 1.')
-    if len(aug.ratio) != 2 or not 0 < aug.ratio[0] <= aug.ratio[1]:
-      raise UserError(f'aug.ratio={aug.ratio} must be (min, max) aspect ratios with 0 < min <= max.')
-    for name in ('random_erasing', 'color_jitter'):
-      if not 0 <= getattr(aug, name) <= 1:
-        raise UserError(f'aug.{name}={getattr(aug, name)} must be in [0, 1] (0 turns it off).')
-    if aug.randaugment:
-      augment.RandAugmentConfig.parse(aug.randaugment)
-    return aug
+from compact_vit.data.settings import RandAugmentConfig, TrainAugment  # pylint: disable=unused-import  (re-exported)
 
 
 def decode(data: tf.Tensor) -> tf.Tensor:
@@ -153,7 +119,7 @@ def _finish_train(aug: TrainAugment, img_size: int, mean: tuple[float, ...], std
   uint8, flipped, RandAugment / colour jitter, normalised. One compilation per setting; XLA fuses the
   pixel loops that TF would run op by op."""
   fill = [min(255, round(255 * m)) for m in mean]
-  ra_config = augment.RandAugmentConfig.parse(aug.randaugment) if aug.randaugment else None
+  ra_config = RandAugmentConfig.parse(aug.randaugment) if aug.randaugment else None
 
   @tf.function(jit_compile=True, reduce_retracing=True)
   def finish(resized, k_flip, k_color):
@@ -215,29 +181,75 @@ def eval_window(shape: tf.Tensor, img_size: int, crop_pct: float):
   return box, tf.cast(scale, tf.float32), tf.cast(translation, tf.float32)
 
 
-def eval_transform(data: tf.Tensor, *, img_size: int, crop_pct: float, mean: Sequence[float],
-                   std: Sequence[float]) -> tf.Tensor:
-  """Encoded bytes or uint8 (H, W, 3) → resized, center-cropped, normalised float32
-  (img_size, img_size, 3). Only the centre window is decoded (JPEG) and resampled."""
-  def resampled(image, shape, crop_to_box):
+def _in_eval_window(data: tf.Tensor, img_size: int, crop_pct: float, fn: Callable[..., Any]) -> Any:
+  """fn(decoded centre window of `data`, scale, translation) (see `eval_window`); JPEGs decode only
+  the window."""
+  def window(image, shape, crop_to_box):
     box, scale, translation = eval_window(shape, img_size, crop_pct)
-    window = crop_to_box(image, box)
-    return resize_float(window, [img_size, img_size], scale, translation)
+    return fn(crop_to_box(image, box), scale, translation)
 
   def crop(image, box):
     return image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
 
   def jpeg():
-    return resampled(data, tf.image.extract_jpeg_shape(data), lambda d, box: tf.image.decode_and_crop_jpeg(
+    return window(data, tf.image.extract_jpeg_shape(data), lambda d, box: tf.image.decode_and_crop_jpeg(
         d, box, channels=3, dct_method='INTEGER_ACCURATE'))
 
   def other():
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    return resampled(image, tf.shape(image), crop)
+    return window(image, tf.shape(image), crop)
 
   if data.dtype == tf.uint8:
-    resized = resampled(data, tf.shape(data), crop)
-  else:
-    resized = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    return window(data, tf.shape(data), crop)
+  return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def eval_transform(data: tf.Tensor, *, img_size: int, crop_pct: float, mean: Sequence[float],
+                   std: Sequence[float]) -> tf.Tensor:
+  """Encoded bytes or uint8 (H, W, 3) → resized, center-cropped, normalised float32
+  (img_size, img_size, 3). Only the centre window is decoded (JPEG) and resampled."""
+  resized = _in_eval_window(data, img_size, crop_pct, lambda window, scale, translation: resize_float(
+      window, [img_size, img_size], scale, translation))
   resized = tf.ensure_shape(resized, [img_size, img_size, 3])
   return tf.ensure_shape(_finish_eval(tuple(mean), tuple(std))(resized), [img_size, img_size, 3])
+
+
+# With the resampling and augmentation on the accelerator (`accelerator.py`), the host only decodes
+# and crops: examples for `accelerator.train_batch` / `accelerator.eval_batch`.
+
+def _for_accelerator(image: tf.Tensor, img_size: int, canvas: int, scale: Any = None,
+                     translation: Any = None) -> dict[str, tf.Tensor]:
+  """A decoded crop as it travels to the accelerator: as it is when it fits the canvas, else
+  resampled here to img_size (scale 1 then resamples it to itself)."""
+  hw = tf.shape(image)[:2]
+  if scale is None:
+    scale = tf.cast(img_size, tf.float32) / tf.cast(hw, tf.float32)
+  if translation is None:
+    translation = tf.zeros([2], tf.float32)
+  fits = tf.reduce_all(hw <= canvas)
+  image, scale, translation = tf.cond(
+      fits, lambda: (image, scale, translation),
+      lambda: (round_to_uint8(resize_float(image, [img_size, img_size], scale, translation)),
+               tf.ones([2], tf.float32), tf.zeros([2], tf.float32)))
+  return {'image': image, 'size': tf.shape(image)[:2], 'scale': scale, 'translation': translation}
+
+
+def train_example_for_accelerator(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *,
+                                  img_size: int, canvas: int) -> dict[str, tf.Tensor]:
+  """The host's part of `train_transform` (decode, random resized crop) with the key the
+  accelerator draws flip, RandAugment and erasing from ('aug_key', uint32 (2,))."""
+  k_crop, _, k_color, _ = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+  if aug.random_resized_crop:
+    image = decode_and_crop(data, lambda s: random_resized_crop_box(s, k_crop, aug.scale, aug.ratio))
+  else:
+    image = decode(data)
+  example = _for_accelerator(image, img_size, canvas)
+  example['aug_key'] = tf.random.stateless_uniform([2], k_color, None, None, tf.uint32)
+  return example
+
+
+def eval_example_for_accelerator(data: tf.Tensor, *, img_size: int, crop_pct: float,
+                                 canvas: int) -> dict[str, tf.Tensor]:
+  """The host's part of `eval_transform`: the decoded centre window and its resampling."""
+  return _in_eval_window(data, img_size, crop_pct, lambda window, scale, translation: _for_accelerator(
+      window, img_size, canvas, scale, translation))
