@@ -119,7 +119,7 @@ def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, 
                schedule: Callable, base_rng: jax.Array, num_classes: int, aug: Mapping[str, Any],
                distill: Mapping[str, Any], teacher=None, ema_decay: float = 0.0,
                objective: Mapping[str, Any] | None = None, grad_accum: int = 1,
-               steps_per_epoch: float = 1.0):
+               steps_per_epoch: float = 1.0, input_fn: Callable | None = None):
   """One update. Returns (new state, {'loss', 'lr', 'grad_norm', ...objective metrics}).
 
   Pure; RNG = fold_in(seed key, step). `objective` is config.objective ({'name': ..., options});
@@ -130,8 +130,9 @@ def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, 
   objective_fn = objectives.get(objective.pop("name"))
   rng = jax.random.fold_in(base_rng, state["step"])
   k_mix, k_drop, k_sample, k_objective = jax.random.split(rng, 4)
+  images = batch["image"] if input_fn is None else input_fn(batch)
   images, targets = losses.mixup_cutmix(
-      k_mix, batch["image"], batch["label"], num_classes=num_classes,
+      k_mix, images, batch["label"], num_classes=num_classes,
       mixup_alpha=aug["mixup_alpha"], cutmix_alpha=aug["cutmix_alpha"], prob=aug["mixup_prob"],
       switch_prob=aug["mixup_switch_prob"], label_smoothing=aug["label_smoothing"])
   ctx = objectives.StepContext(
@@ -156,9 +157,11 @@ def train_step(state: State, batch: Mapping[str, jax.Array], teacher_vars: Any, 
   return new_state, metrics
 
 
-def eval_step(variables: Any, batch: Mapping[str, jax.Array], *, model) -> dict[str, jax.Array]:
+def eval_step(variables: Any, batch: Mapping[str, jax.Array], *, model,
+              input_fn: Callable | None = None) -> dict[str, jax.Array]:
   """Sums of top-1/top-5 hits over the valid (mask=True) examples, and their count."""
-  logits = model.apply(variables, batch["image"], train=False)
+  images = batch["image"] if input_fn is None else input_fn(batch)
+  logits = model.apply(variables, images, train=False)
   mask = batch["mask"].astype(jnp.float32)
   k = min(5, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
@@ -180,6 +183,21 @@ def evaluate(eval_fn: Callable, variables: Any, batches: Iterator[Mapping[str, n
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def accelerator_inputs(config: ml_collections.ConfigDict) -> tuple[Callable | None,
+                                                                  Callable | None]:
+  """(train, eval) functions from a host batch to normalised images, run inside the jitted steps,
+  when `config.dataset.on_accelerator` (compact_vit/data/accelerator.py: the host only decodes
+  and crops); (None, None) otherwise."""
+  if not config.dataset.get("on_accelerator", False):
+    return None, None
+  from compact_vit.data import accelerator, settings  # TF-free
+  norm = dict(img_size=config.img_size, mean=tuple(config.dataset.mean),
+              std=tuple(config.dataset.std))
+  aug = settings.TrainAugment.from_config(config.aug)
+  return (functools.partial(accelerator.train_batch, aug=aug, **norm),
+          functools.partial(accelerator.eval_batch, **norm))
+
 
 def validate_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
   """User-fixable config errors, raised before any data is read or anything compiles.
@@ -502,17 +520,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start_step == 0 and init_variables_from is not None:
     log(f"Initialised parameters from {config.init_from}.")
 
-  # Compiled steps.
+  # Compiled steps; with dataset.on_accelerator the batch's resampling and augmentation run in them.
+  train_input_fn, eval_input_fn = accelerator_inputs(config)
   step_fn = jax.jit(
       functools.partial(
           train_step, model=model, tx=tx, schedule=schedule, base_rng=jax.random.key(config.seed),
           num_classes=info.num_classes, aug=config.aug.to_dict(),
           distill=config.distill.to_dict(), teacher=teacher, ema_decay=config.ema_decay,
           objective=objective_options(config), grad_accum=grad_accum,
-          steps_per_epoch=schedule_steps_per_epoch(config, total_steps)),
+          steps_per_epoch=schedule_steps_per_epoch(config, total_steps),
+          input_fn=train_input_fn),
       donate_argnums=(0,), out_shardings=(state_sh, repl),
       compiler_options=xla.train_compiler_options())
-  eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=repl)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, input_fn=eval_input_fn),
+                    out_shardings=repl)
 
   def eval_batches():
     return pipeline.eval_iterator(

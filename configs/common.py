@@ -126,6 +126,7 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.dataset.cache = False
   c.dataset.mean = IMAGENET_MEAN
   c.dataset.std = IMAGENET_STD
+  c.dataset.on_accelerator = False  # True: the host decodes and crops, the step augments (JAX)
 
   c.aug = ml_collections.ConfigDict()
   c.aug.random_resized_crop = True

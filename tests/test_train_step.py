@@ -239,3 +239,31 @@ def test_progress_reports_the_share_of_time_spent_waiting_for_input(monkeypatch,
   assert progress.update(5) == 4 * 8 / 4.0 and progress.input_fraction == 0.75
   progress.show(5, 1.0, 1e-3)
   assert "input wait 75%  INPUT-BOUND" in capsys.readouterr().out
+
+
+def test_input_fn_runs_inside_the_step_on_the_raw_batch():
+  """dataset.on_accelerator: the step turns the host batch into images itself (`input_fn`); the
+  update equals the one on the images given directly."""
+  model, state, _ = _tiny_setup()
+  tx = optax.adamw(1e-3)
+  aug = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+             label_smoothing=0.1)
+  kw = dict(model=model, tx=tx, schedule=lambda s: 1e-3, base_rng=jax.random.key(1),
+            num_classes=3, aug=aug, distill={"type": "none"}, ema_decay=0.9)
+  batch = _fake_batch(3)
+  raw = {"canvas": batch["image"] / 2.0, "label": batch["label"]}
+  direct, _ = jax.jit(functools.partial(trainer.train_step, **kw))(state, batch, None)
+  inside, _ = jax.jit(functools.partial(trainer.train_step, input_fn=lambda b: 2.0 * b["canvas"],
+                                        **kw))(state, raw, None)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               direct["params"], inside["params"])
+
+
+def test_accelerator_inputs_follow_the_config():
+  from configs import deit_s  # pylint: disable=import-outside-toplevel
+  config = deit_s.get_config("quick")
+  assert trainer.accelerator_inputs(config) == (None, None)
+  config.dataset.on_accelerator = True
+  train_fn, eval_fn = trainer.accelerator_inputs(config)
+  assert train_fn.keywords["img_size"] == eval_fn.keywords["img_size"] == config.img_size
+  assert train_fn.keywords["mean"] == tuple(config.dataset.mean)
