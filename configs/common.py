@@ -6,9 +6,8 @@ a comma-separated list of `key=value` pairs or bare flags (`quick`), parsed by `
 from __future__ import annotations
 
 import ml_collections
+from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Where each recipe value comes from: `config.recipe_sources` (field of the recipe card -> the
 # authors' file and flag), shown by `python -m compact_vit.recipe` and docs/recipes.md. A family

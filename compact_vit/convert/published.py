@@ -17,10 +17,9 @@ from typing import NamedTuple
 
 from compact_vit.errors import UserError
 from compact_vit.models import list_models
+from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 HUB_PREFIX = "hf-hub:"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 TIMM_RESULTS = "timm results-imagenet.csv"
 

@@ -43,9 +43,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from compact_vit.errors import UserError
+from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
                  cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=False)
 
@@ -102,7 +101,7 @@ def _mean_std(cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
   std = tuple(float(s) for s in _field(cfg, 'std'))
   if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
     raise UserError(f'dataset.mean={mean} / dataset.std={std} must be RGB 3-tuples on the 0..1 scale '
-                    'with std > 0, e.g. ImageNet (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).')
+                    f'with std > 0, e.g. ImageNet {IMAGENET_MEAN} / {IMAGENET_STD}.')
   return mean, std
 
 
