@@ -242,7 +242,7 @@ def sepvit_recipe(model_name: str, *, drop_path_rate: float) -> ml_collections.C
        peak_lr=f"{main} --lr 5e-4 x global batch / 512",
        lr_at_epoch=f"{main}: timm create_scheduler (cosine, warmup 5 epochs from 1e-6, min 1e-5), "
                    "step(epoch) after each epoch over --epochs 300",
-       no_decay=f"timm 0.3.2 create_optimizer: 1-D and .bias parameters (the SepViT model has no "
+       no_decay="timm 0.3.2 create_optimizer: 1-D and .bias parameters (the SepViT model has no "
                 "no_weight_decay(); only its blocks do, which timm never asks)",
        repeated_augmentation=f"{main} --repeated-aug off by default",
        grad_clip=f"{main} --clip-grad 5 (global norm)",
