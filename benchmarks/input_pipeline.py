@@ -27,7 +27,7 @@ Pipelines, each with batch 128, 224x224, all processes pinned to the same `--cor
   * train, decode + resample: the floor plus the bicubic antialiased resampling to 224x224, no
     augmentation (where the time between the floor and ours goes);
   * ours, on_accelerator (train and eval): the same iterators with `dataset.on_accelerator=True`,
-    the host's part only: decoded crops padded into 448x448 uint8 canvases (resampling and
+    the host's part only: decoded crops padded into 512x512 uint8 canvases (resampling and
     augmentation then run in the jitted step: `compact_vit.data.accelerator`, timed once on these
     cores for information);
   * eval, ours: `pipeline.eval_iterator` (crop_pct 0.875); eval, timm: create_transform(224,
@@ -276,6 +276,9 @@ def accelerator_part_on_cpu(data_dir: str, calls: int = 3) -> dict[str, float]:
   out = {}
   for split, (fn, batch) in fns.items():
     batch = {k: v for k, v in batch.items() if k not in ('label', 'mask')}
+    cost = fn.lower(batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[split + '_gflop'] = float(cost['flops']) / BATCH / 1e9
     fn(batch).block_until_ready()
     times = []
     for _ in range(calls):
@@ -391,17 +394,23 @@ def write_table(args, results, accel, data_description, load_start, load_end) ->
       cpu = cpu_ms[(split, b)] / cpu_ms[(split, a)]
       lines.append(f'| {split} | {label} (speed) | {np.median(wall):.2f}x ({wall.min():.2f}-'
                    f'{wall.max():.2f}) | {np.median(cpu):.2f}x ({cpu.min():.2f}-{cpu.max():.2f}) |')
+  from compact_vit.data import accelerator  # pylint: disable=import-outside-toplevel
+  canvas = accelerator.canvas_size(IMG)
   resample = ('train', 'decode + resample, no augmentation')
   floor_cpu, res_cpu, ours_cpu = (np.median(cpu_ms[k]) for k in
                                   [('train', 'floor: decode the crop window'), resample, ('train', OURS)])
   lines += ['', f'Train CPU time per image: decoding {floor_cpu:.2f} ms, resampling to 224x224 '
             f'{res_cpu - floor_cpu:.2f} ms, everything else (flip, RandAugment, normalisation, '
             f'erasing, batching) {ours_cpu - res_cpu:.2f} ms.', '',
-            'With `dataset.on_accelerator=True` the host decodes and crops only (crops larger than '
-            '448x448 are resampled on the host) and the jitted step resamples and augments the batch '
-            '(`compact_vit.data.accelerator`). That part, jitted on these CPU cores for '
-            f'information (on an accelerator it runs inside the train step): {accel["train"]:.2f} ms '
-            f'per image for train, {accel["eval"]:.2f} ms for eval.', '']
+            f'With `dataset.on_accelerator=True` the host decodes and crops only (crops larger than '
+            f'the {canvas}x{canvas} canvas are resampled on the host) and the jitted step resamples '
+            'and augments the batch (`compact_vit.data.accelerator`). That part, jitted on these CPU '
+            'cores for information (on an accelerator it runs inside the train step): '
+            f'{accel["train"]:.2f} ms per image for train, {accel["eval"]:.2f} ms for eval; XLA counts '
+            f'{accel["train_gflop"]:.2f} and {accel["eval_gflop"]:.2f} GFLOP per image (float32).',
+            '', "TensorFlow's host allocator: TF_CPU_ALLOCATOR_USE_BFC="
+            f'{os.environ.get("TF_CPU_ALLOCATOR_USE_BFC")} (`compact_vit/data/_tf.py` sets 1: pooled, '
+            'no page faults per batch).', '']
   _report.write_markdown('\n'.join(lines), args.out)
 
 

@@ -557,7 +557,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for index in slices])
 
   # Loop. Losses are checked one step late (LossGuard), and always before a save.
-  progress = Progress(total_steps, config.batch_size)
+  hint = ""
+  if not config.dataset.get("on_accelerator", False) and jax.default_backend() != "cpu":
+    hint = ("The host's input pipeline sets the pace: --config.dataset.on_accelerator=True leaves it only "
+            "decoding and cropping (README: Input pipeline speed, and host cores per accelerator).")
+  progress = Progress(total_steps, config.batch_size, input_bound_hint=hint)
   final_eval: dict[str, float] = {}
   guard = LossGuard(ckpt.directory, start_step if ckpt.latest_step() is not None else None)
   step = start_step

@@ -57,11 +57,12 @@ class Progress:
   The loop reports each wait for the next batch with `input_wait(seconds)`. `input_fraction` is
   the waited time over the wall time between two `update` calls: near 0 the accelerators set the
   pace; near 1 the run is input-bound (more host cores, or a lighter augmentation, would speed it
-  up)."""
+  up). `input_bound_hint`, when given, is printed once, under the first INPUT-BOUND line."""
 
-  def __init__(self, total_steps: int, batch_size: int):
+  def __init__(self, total_steps: int, batch_size: int, input_bound_hint: str = ""):
     self.total_steps = total_steps
     self.batch_size = batch_size
+    self._hint = input_bound_hint
     self._last_time = None
     self._last_step = None
     self._waited = 0.0
@@ -86,3 +87,6 @@ class Progress:
             f"{self.rate:.1f} img/s  input wait {100 * self.input_fraction:.0f}%{bound}  "
             f"ETA {_format_seconds(eta)}")
     print(line, file=sys.stdout, flush=True)
+    if bound and self._hint:
+      print(self._hint, file=sys.stdout, flush=True)
+      self._hint = ""

@@ -6,6 +6,7 @@ a comma-separated list of `key=value` pairs or bare flags (`quick`), parsed by `
 from __future__ import annotations
 
 import ml_collections
+from compact_vit.data.settings import CANVAS_MIN_SIDE
 from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -126,6 +127,7 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.dataset.mean = IMAGENET_MEAN
   c.dataset.std = IMAGENET_STD
   c.dataset.on_accelerator = False  # True: the host decodes and crops, the step augments (JAX)
+  c.dataset.canvas_min_side = CANVAS_MIN_SIDE  # on_accelerator: crops travel in max(2 img_size, this)²
 
   c.aug = ml_collections.ConfigDict()
   c.aug.random_resized_crop = True
@@ -184,6 +186,7 @@ def make_quick(c: ml_collections.ConfigDict, **model_overrides) -> ml_collection
   c.dataset.cache = True
   c.dataset.mean = (0.5, 0.5, 0.5)
   c.dataset.std = (0.5, 0.5, 0.5)
+  c.dataset.canvas_min_side = 0  # 8x8 digits: a canvas of 2 img_size holds them whole
   c.aug.random_resized_crop = True
   c.aug.scale = (0.6, 1.0)
   c.aug.hflip = False  # digits are not mirror-symmetric

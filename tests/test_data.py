@@ -207,6 +207,34 @@ def test_bad_values_raise_user_errors(data_dir):
     pipeline.train_iterator(cfg, aug_cfg(randaugment='rand-m9-x3'), img_size=IMG, batch_size=8, seed=0)
   with pytest.raises(UserError, match='crop_pct'):
     pipeline.eval_iterator(cfg, img_size=IMG, batch_size=8, crop_pct=1.5)
+  with pytest.raises(UserError, match='canvas_min_side'):
+    pipeline.eval_iterator(dataset_cfg(data_dir, on_accelerator=True, canvas_min_side=-1), img_size=IMG,
+                           batch_size=8, crop_pct=1.)
+
+
+_FAULTS_PER_BATCH = '''
+import resource, statistics
+from compact_vit.data._tf import tf
+ds = tf.data.Dataset.range(30).map(lambda i: tf.fill([10_000_000], tf.cast(i, tf.float32))).batch(1)
+after_each = [resource.getrusage(resource.RUSAGE_SELF).ru_minflt for _ in ds.as_numpy_iterator()]
+print(statistics.median(b - a for a, b in zip(after_each[10:], after_each[11:])))
+'''
+
+
+def test_tensorflow_pools_host_memory():
+  """data/_tf.py turns on TF's pooling CPU allocator: batches of 40 MB made one after another reuse
+  memory (no page faults in the median batch), where malloc maps fresh pages for each (40 MB / 4 kB =
+  9766 faults per tensor; the element and the batch)."""
+  root = os.path.dirname(os.path.dirname(__file__))
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_CPU_')}
+
+  def faults(**extra):
+    out = subprocess.run([sys.executable, '-c', _FAULTS_PER_BATCH], check=True, cwd=root, text=True,
+                         capture_output=True, env={**env, **extra}).stdout
+    return float(out.split()[-1])
+
+  assert faults() < 100
+  assert faults(TF_CPU_ALLOCATOR_USE_BFC='0') > 5000  # The test sees the difference.
 
 
 def test_imagenet_not_prepared_says_how_to_prepare(tmp_path):

@@ -101,7 +101,7 @@ def test_resampling_matches_tensorflow():
   from compact_vit.data import transforms
   from compact_vit.data._tf import tf
   rng = np.random.default_rng(1)
-  img, canvas = 32, accelerator.canvas_size(32)
+  img, canvas = 32, accelerator.canvas_size(32, min_side=0)
   cases = [((40, 50), None, None), ((17, 9), None, None), ((64, 33), None, None),
            ((60, 61), (0.7, 0.65), (-3.2, -5.0))]
   batch = {k: [] for k in ('image', 'size', 'scale', 'translation')}
@@ -130,7 +130,7 @@ def data_dir(tmp_path_factory):
 def dataset_cfg(data_dir, on_accelerator):
   return ml_collections.ConfigDict(dict(name='digits', data_dir=data_dir, train_split='train',
                                         eval_split='test', shuffle_buffer=500,
-                                        on_accelerator=on_accelerator))
+                                        on_accelerator=on_accelerator, canvas_min_side=0))
 
 
 def test_same_batches_as_the_host_pipeline_without_random_ops(data_dir):
@@ -178,3 +178,16 @@ def test_augmentation_draws_per_example_and_is_a_function_of_the_batch(data_dir)
   levels = out * np.array(STD) * 255 + np.array(MEAN) * 255
   erased = np.any(np.abs(levels - np.round(levels)) > 0.01, axis=(1, 2, 3))
   assert 0.18 < erased.mean() < 0.32
+
+
+def test_canvas_side(data_dir):
+  """max(2 img_size, dataset.canvas_min_side), 512 by default: ImageNet's usual 500-pixel photos
+  travel whole at 224."""
+  assert accelerator.canvas_size(224) == 512 and accelerator.canvas_size(300) == 600
+  assert accelerator.canvas_size(24, min_side=0) == 48
+  cfg = dataset_cfg(data_dir, True)
+  del cfg['canvas_min_side']  # The default.
+  batch = next(pipeline.eval_iterator(cfg, img_size=24, batch_size=2, crop_pct=1.))
+  assert batch['image'].shape == (2, 512, 512, 3) and batch['image'].dtype == np.uint8
+  for image, (h, w) in zip(batch['image'], batch['size']):
+    assert 0 < h <= 512 and 0 < w <= 512 and not image[h:].any() and not image[:, w:].any()

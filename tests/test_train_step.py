@@ -228,17 +228,25 @@ def test_lr_scales_multiply_the_updates_of_matching_parameters():
 
 
 def test_progress_reports_the_share_of_time_spent_waiting_for_input(monkeypatch, capsys):
-  """Progress: waited seconds over the wall time between two updates; over half is flagged."""
+  """Progress: waited seconds over the wall time between two updates; over half is flagged, with
+  the hint under the first flag only."""
   from compact_vit import writers  # pylint: disable=import-outside-toplevel
-  clock = iter([10.0, 14.0])
+  clock = iter([10.0, 14.0, 15.0])
   monkeypatch.setattr(writers.time, "perf_counter", lambda: next(clock))
-  progress = writers.Progress(total_steps=100, batch_size=8)
+  progress = writers.Progress(total_steps=100, batch_size=8, input_bound_hint="try on_accelerator")
   progress.update(1)
   progress.input_wait(1.0)
   progress.input_wait(2.0)
   assert progress.update(5) == 4 * 8 / 4.0 and progress.input_fraction == 0.75
   progress.show(5, 1.0, 1e-3)
-  assert "input wait 75%  INPUT-BOUND" in capsys.readouterr().out
+  progress.show(5, 1.0, 1e-3)  # Still input-bound: the hint is not repeated.
+  progress.input_wait(0.25)
+  assert progress.update(6) == 8.0 and progress.input_fraction == 0.25
+  progress.show(6, 1.0, 1e-3)
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == 4 and out[1] == "try on_accelerator"
+  assert "input wait 75%  INPUT-BOUND" in out[0] and "INPUT-BOUND" in out[2]
+  assert "input wait 25%" in out[3] and "INPUT-BOUND" not in out[3]
 
 
 def test_input_fn_runs_inside_the_step_on_the_raw_batch():

@@ -10,8 +10,8 @@ images share a shape), `mean`/`std` (ImageNet's, on the 0..1 scale). `aug_cfg`: 
 DeiT's repeated augmentation, off when absent). Batch sizes are per process.
 
 `dataset_cfg.on_accelerator` (False): the host only decodes and crops, and the batches carry uint8
-crops zero-padded into a (2 img_size)^2 canvas with 'size', 'scale', 'translation' and (train)
-'aug_key'; the jitted step turns them into images with `accelerator.train_batch` /
+crops zero-padded into a square canvas of side max(2 img_size, `canvas_min_side` (512)) with 'size',
+'scale', 'translation' and (train) 'aug_key'; the jitted step turns them into images with `accelerator.train_batch` /
 `accelerator.eval_batch` (resampling, flip, RandAugment, normalisation, erasing in JAX). The same
 (seed, step, slice) gives the same batch either way; the images differ only by the random draws.
 
@@ -42,11 +42,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from compact_vit.data.settings import CANVAS_MIN_SIDE
 from compact_vit.errors import UserError
 from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
-                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=False)
+                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=False,
+                 canvas_min_side=CANVAS_MIN_SIDE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,13 +175,14 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
     return ds.take(steps * batch_size).enumerate().map(lambda i, rec: (key, i, rec))
 
   on_accelerator = bool(_field(dataset_cfg, 'on_accelerator'))
+  canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
   def preprocess(key, i, record):
     ref, label = record
     key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
     if on_accelerator:
       example = transforms.train_example_for_accelerator(shard.load(ref), key, aug, img_size=img_size,
-                                                         canvas=_canvas(img_size))
+                                                         canvas=canvas)
       return {**example, 'label': label}
     image = transforms.train_transform(shard.load(ref), key, aug, img_size=img_size, mean=mean, std=std)
     return {'image': image, 'label': label}
@@ -187,20 +190,24 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
   # One pipeline for all epochs, so the augmentation graph is instantiated once.
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(skip_steps * batch_size)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = _batch(ds, batch_size, on_accelerator, img_size, drop_remainder=True)
+  ds = _batch(ds, batch_size, canvas, drop_remainder=True)
   return ds.prefetch(2).with_options(_options()).as_numpy_iterator()
 
 
-def _canvas(img_size: int) -> int:
+def _canvas(cfg: Any, img_size: int) -> int:
   from compact_vit.data import accelerator  # pylint: disable=g-import-not-at-top
-  return accelerator.canvas_size(img_size)
+  min_side = _field(cfg, 'canvas_min_side')
+  if not isinstance(min_side, int) or min_side < 0:
+    raise UserError(f'dataset.canvas_min_side={min_side!r} must be an int >= 0 (the canvas side is '
+                    f'max(2 img_size, canvas_min_side); 0 = 2 img_size).')
+  return accelerator.canvas_size(img_size, min_side)
 
 
-def _batch(ds, batch_size: int, on_accelerator: bool, img_size: int, drop_remainder: bool = False):
-  """Batches; with `on_accelerator`, crops are zero-padded into the canvas as they are copied in."""
-  if not on_accelerator:
+def _batch(ds, batch_size: int, canvas: int, drop_remainder: bool = False):
+  """Batches; with a `canvas` side (on_accelerator), crops are zero-padded into the canvas as they
+  are copied in."""
+  if not canvas:
     return ds.batch(batch_size, drop_remainder=drop_remainder)
-  canvas = _canvas(img_size)
   shapes = {k: [canvas, canvas, 3] if k == 'image' else spec.shape for k, spec in ds.element_spec.items()}
   return ds.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=drop_remainder)
 
@@ -229,11 +236,12 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   shard = _shard(dataset_cfg, _field(dataset_cfg, 'eval_split'), process_index, process_count)
 
   on_accelerator = bool(_field(dataset_cfg, 'on_accelerator'))
+  canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
   def preprocess(ref, label):
     if on_accelerator:
       example = transforms.eval_example_for_accelerator(shard.load(ref), img_size=img_size,
-                                                        crop_pct=crop_pct, canvas=_canvas(img_size))
+                                                        crop_pct=crop_pct, canvas=canvas)
     else:
       example = {'image': transforms.eval_transform(shard.load(ref), img_size=img_size,
                                                     crop_pct=crop_pct, mean=mean, std=std)}
@@ -247,5 +255,5 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
       **blank, 'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False)}).repeat(num_batches * batch_size - shard.size)
   ds = shard.records(None).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = _batch(ds.concatenate(padding), batch_size, on_accelerator, img_size)
+  ds = _batch(ds.concatenate(padding), batch_size, canvas)
   return ds.prefetch(2).with_options(_options()).as_numpy_iterator()

@@ -9,6 +9,9 @@ from typing import Any
 
 from compact_vit.errors import UserError
 
+# dataset.canvas_min_side: with dataset.on_accelerator, crops travel in canvases of side
+# max(2 img_size, this); 512 holds ImageNet's usual photos (longer side 500) whole at 224.
+CANVAS_MIN_SIDE = 512
 LEVEL_DENOM = 10.  # timm: magnitude M is an op's fraction M / 10 of its full strength.
 _RA_HELP = "timm syntax, e.g. 'rand-m9-mstd0.5-inc1' (sections m, n, mstd, mmax, inc), or '' for off"
 
