@@ -61,7 +61,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   model = trainer.create_model(config, info.num_classes)
   variables, step, ema = load_eval_variables(config, workdir, model)
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  eval_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
+  # With dataset.on_accelerator (auto: on a GPU or TPU), the step resamples the host's crops itself.
+  eval_fn = jax.jit(functools.partial(trainer.eval_step, model=model,
+                                      input_fn=trainer.accelerator_inputs(config)[1]))
 
   def batches():
     return pipeline.eval_iterator(

@@ -187,11 +187,11 @@ def evaluate(eval_fn: Callable, variables: Any, batches: Iterator[Mapping[str, n
 def accelerator_inputs(config: ml_collections.ConfigDict) -> tuple[Callable | None,
                                                                   Callable | None]:
   """(train, eval) functions from a host batch to normalised images, run inside the jitted steps,
-  when `config.dataset.on_accelerator` (compact_vit/data/accelerator.py: the host only decodes
-  and crops); (None, None) otherwise."""
-  if not config.dataset.get("on_accelerator", False):
-    return None, None
+  when `config.dataset.on_accelerator` (None: auto, on for a GPU or TPU backend;
+  compact_vit/data/accelerator.py: the host only decodes and crops); (None, None) otherwise."""
   from compact_vit.data import accelerator, settings  # TF-free
+  if not settings.resolve_on_accelerator(config.dataset.get("on_accelerator")):
+    return None, None
   norm = dict(img_size=config.img_size, mean=tuple(config.dataset.mean),
               std=tuple(config.dataset.std))
   aug = settings.TrainAugment.from_config(config.aug)
@@ -558,9 +558,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Loop. Losses are checked one step late (LossGuard), and always before a save.
   hint = ""
-  if not config.dataset.get("on_accelerator", False) and jax.default_backend() != "cpu":
-    hint = ("The host's input pipeline sets the pace: --config.dataset.on_accelerator=True leaves it only "
-            "decoding and cropping (README: Input pipeline speed, and host cores per accelerator).")
+  if train_input_fn is None and jax.default_backend() != "cpu":
+    hint = ("The host's input pipeline sets the pace: dataset.on_accelerator is False in this run; unset "
+            "(auto) or True, it leaves the host only decoding and cropping (README: Input pipeline speed, "
+            "and host cores per accelerator).")
   progress = Progress(total_steps, config.batch_size, input_bound_hint=hint)
   final_eval: dict[str, float] = {}
   guard = LossGuard(ckpt.directory, start_step if ckpt.latest_step() is not None else None)

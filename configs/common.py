@@ -126,7 +126,9 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.dataset.cache = False
   c.dataset.mean = IMAGENET_MEAN
   c.dataset.std = IMAGENET_STD
-  c.dataset.on_accelerator = False  # True: the host decodes and crops, the step augments (JAX)
+  # True: the host decodes and crops, the step resamples and augments (JAX); None: auto, True on
+  # a GPU or TPU backend, False on the CPU.
+  c.dataset.on_accelerator = ml_collections.config_dict.placeholder(bool)
   c.dataset.canvas_min_side = CANVAS_MIN_SIDE  # on_accelerator: crops travel in max(2 img_size, this)²
 
   c.aug = ml_collections.ConfigDict()

@@ -122,6 +122,38 @@ def test_resampling_matches_tensorflow():
   assert (np.round(ours) == np.round(np.stack(expected))).mean() > 0.999
 
 
+def test_banded_resampling_equals_the_whole_matrix():
+  """The banded matmuls against the naive one (every weight of the matrix, `resample_weights` over
+  the whole canvas) where the band is tightest: crops as large as the canvas, 1 x 1 crops, the
+  identity, and eval-style scales with translations at the canvas' limit, at several canvas /
+  output ratios."""
+  rng = np.random.default_rng(0)
+
+  def whole_matrix(canvas, size, scale, translation, out):
+    source = jnp.arange(canvas.shape[1])
+    wy = accelerator.resample_weights(out, size[:, 0], scale[:, 0], translation[:, 0], source)
+    wx = accelerator.resample_weights(out, size[:, 1], scale[:, 1], translation[:, 1], source)
+    rows = jnp.einsum('bic,bcwk->biwk', wy, canvas.astype(jnp.float32), precision=accelerator.HIGHEST)
+    return jnp.einsum('bjw,biwk->bijk', wx, rows, precision=accelerator.HIGHEST)
+
+  for out, side in ((32, 64), (40, 100), (24, 96), (7, 64)):
+    size = rng.integers(1, side + 1, (8, 2))
+    size[:3] = [(side, side), (1, 1), (out, out)]
+    scale = (out / size).astype(np.float32)
+    translation = np.zeros((8, 2), np.float32)
+    eval_scale = np.maximum([0.6, 0.45], out / side)  # The host never sends 1 / scale > side / out.
+    scale[3], translation[3] = eval_scale, (-3.5, -1.25)
+    size[3] = np.minimum(side, (out / eval_scale).astype(int) + 8)
+    canvas = np.zeros((8, side, side, 3), np.uint8)
+    for b, (h, w) in enumerate(size):
+      canvas[b, :h, :w] = rng.integers(0, 256, (h, w, 3))
+    banded = np.asarray(jax.jit(accelerator.resample, static_argnums=4)(canvas, size, scale,
+                                                                          translation, out))
+    naive = np.asarray(whole_matrix(canvas, size, scale, translation, out))
+    np.testing.assert_allclose(banded, naive, atol=1e-3)
+    np.testing.assert_allclose(banded[2], canvas[2, :out, :out], atol=1e-3)  # scale 1: itself.
+
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
@@ -181,13 +213,33 @@ def test_augmentation_draws_per_example_and_is_a_function_of_the_batch(data_dir)
 
 
 def test_canvas_side(data_dir):
-  """max(2 img_size, dataset.canvas_min_side), 512 by default: ImageNet's usual 500-pixel photos
+  """max(2 img_size, dataset.canvas_min_side), 640 by default: ImageNet's usual 500-pixel photos
   travel whole at 224."""
-  assert accelerator.canvas_size(224) == 512 and accelerator.canvas_size(300) == 600
+  assert accelerator.canvas_size(224) == 640 and accelerator.canvas_size(400) == 800
   assert accelerator.canvas_size(24, min_side=0) == 48
   cfg = dataset_cfg(data_dir, True)
   del cfg['canvas_min_side']  # The default.
   batch = next(pipeline.eval_iterator(cfg, img_size=24, batch_size=2, crop_pct=1.))
-  assert batch['image'].shape == (2, 512, 512, 3) and batch['image'].dtype == np.uint8
+  assert batch['image'].shape == (2, 640, 640, 3) and batch['image'].dtype == np.uint8
   for image, (h, w) in zip(batch['image'], batch['size']):
-    assert 0 < h <= 512 and 0 < w <= 512 and not image[h:].any() and not image[:, w:].any()
+    assert 0 < h <= 640 and 0 < w <= 640 and not image[h:].any() and not image[:, w:].any()
+
+
+def test_evaluator_resamples_on_the_accelerator(data_dir, tmp_path, monkeypatch):
+  """eval.py's evaluator with dataset.on_accelerator (auto on a GPU or TPU): the step resamples the
+  host's crops, and top-1 / top-5 of one set of weights match the host path's (the images differ
+  only by float rounding)."""
+  from configs import deit_s  # pylint: disable=import-outside-toplevel
+  from compact_vit import evaluator, trainer  # pylint: disable=import-outside-toplevel
+  config = deit_s.get_config('quick')
+  config.dataset.data_dir = data_dir
+  model = trainer.create_model(config, 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, config.img_size, config.img_size, 3)))
+  monkeypatch.setattr(evaluator, 'load_eval_variables', lambda *args: (variables, 0, None))
+  records = {}
+  for on in (False, True):
+    config.dataset.on_accelerator = on
+    records[on] = evaluator.evaluate_checkpoint(config, str(tmp_path / str(on)), measure_speed=False)
+  assert records[True]['num_examples'] == records[False]['num_examples'] > 0
+  for key in ('top1', 'top5'):
+    assert abs(records[True][key] - records[False][key]) <= 2 / records[False]['num_examples']

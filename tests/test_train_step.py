@@ -9,6 +9,7 @@ import pytest
 
 from compact_vit import losses, models, optim, trainer
 from compact_vit.nn.layers import DistilledLogits
+from compact_vit.errors import UserError
 
 
 def test_smooth_one_hot_matches_timm_convention():
@@ -267,10 +268,18 @@ def test_input_fn_runs_inside_the_step_on_the_raw_batch():
                direct["params"], inside["params"])
 
 
-def test_accelerator_inputs_follow_the_config():
+def test_accelerator_inputs_follow_the_config(monkeypatch):
   from configs import deit_s  # pylint: disable=import-outside-toplevel
+  from compact_vit.data import settings  # pylint: disable=import-outside-toplevel
   config = deit_s.get_config("quick")
-  assert trainer.accelerator_inputs(config) == (None, None)
+  assert config.dataset.on_accelerator is None  # auto
+  assert trainer.accelerator_inputs(config) == (None, None)  # auto on the CPU: the host path
+  with monkeypatch.context() as m:
+    m.setattr(jax, "default_backend", lambda: "gpu")
+    assert trainer.accelerator_inputs(config)[0] is not None  # auto on a GPU: the step augments
+    assert settings.resolve_on_accelerator("auto") and not settings.resolve_on_accelerator(False)
+  with pytest.raises(UserError, match="True, False or None"):
+    settings.resolve_on_accelerator("yes")
   config.dataset.on_accelerator = True
   train_fn, eval_fn = trainer.accelerator_inputs(config)
   assert train_fn.keywords["img_size"] == eval_fn.keywords["img_size"] == config.img_size

@@ -9,8 +9,9 @@ images share a shape), `mean`/`std` (ImageNet's, on the 0..1 scale). `aug_cfg`: 
 `transforms.TrainAugment`, plus `repeated_aug` / `repeated_aug_replicas` (`sampling.RepeatedAug`:
 DeiT's repeated augmentation, off when absent). Batch sizes are per process.
 
-`dataset_cfg.on_accelerator` (False): the host only decodes and crops, and the batches carry uint8
-crops zero-padded into a square canvas of side max(2 img_size, `canvas_min_side` (512)) with 'size',
+`dataset_cfg.on_accelerator` (True, False, or None: auto, True when JAX's backend is a GPU or TPU;
+`settings.resolve_on_accelerator`): when on, the host only decodes and crops, and the batches carry uint8
+crops zero-padded into a square canvas of side max(2 img_size, `canvas_min_side` (640)) with 'size',
 'scale', 'translation' and (train) 'aug_key'; the jitted step turns them into images with `accelerator.train_batch` /
 `accelerator.eval_batch` (resampling, flip, RandAugment, normalisation, erasing in JAX). The same
 (seed, step, slice) gives the same batch either way; the images differ only by the random draws.
@@ -42,12 +43,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from compact_vit.data.settings import CANVAS_MIN_SIDE
+from compact_vit.data.settings import CANVAS_MIN_SIDE, resolve_on_accelerator
 from compact_vit.errors import UserError
 from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
-                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=False,
+                 cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=None,
                  canvas_min_side=CANVAS_MIN_SIDE)
 
 
@@ -174,7 +175,7 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
       ds = repeated.arrange(ds, batch_size=batch_size, process_count=process_count)
     return ds.take(steps * batch_size).enumerate().map(lambda i, rec: (key, i, rec))
 
-  on_accelerator = bool(_field(dataset_cfg, 'on_accelerator'))
+  on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
   def preprocess(key, i, record):
@@ -235,7 +236,7 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   num_batches = num_eval_batches(dataset_cfg, batch_size=batch_size, process_count=process_count)
   shard = _shard(dataset_cfg, _field(dataset_cfg, 'eval_split'), process_index, process_count)
 
-  on_accelerator = bool(_field(dataset_cfg, 'on_accelerator'))
+  on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
   def preprocess(ref, label):

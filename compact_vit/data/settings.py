@@ -10,9 +10,25 @@ from typing import Any
 from compact_vit.errors import UserError
 
 # dataset.canvas_min_side: with dataset.on_accelerator, crops travel in canvases of side
-# max(2 img_size, this); 512 holds ImageNet's usual photos (longer side 500) whole at 224.
-CANVAS_MIN_SIDE = 512
+# max(2 img_size, this); 640 holds ImageNet's usual photos (longer side 500) and most larger crops
+# whole at 224 (`accelerator.canvas_size`).
+CANVAS_MIN_SIDE = 640
 LEVEL_DENOM = 10.  # timm: magnitude M is an op's fraction M / 10 of its full strength.
+
+
+def resolve_on_accelerator(value: Any) -> bool:
+  """`dataset.on_accelerator`: True, False, or None (the default) for 'auto': True when JAX's default
+  backend is a GPU or TPU (the step resamples and augments, the host only decodes and crops), False
+  on the CPU (there the host's TF kernels are faster than the batched JAX ops)."""
+  if value is None or value == 'auto':
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.default_backend() != 'cpu'
+  if isinstance(value, bool):
+    return value
+  raise UserError(f'dataset.on_accelerator={value!r}: use True, False or None (auto: on for a GPU or '
+                  'TPU backend, off on the CPU).')
+
+
 _RA_HELP = "timm syntax, e.g. 'rand-m9-mstd0.5-inc1' (sections m, n, mstd, mmax, inc), or '' for off"
 
 
