@@ -9,7 +9,11 @@ and optimizer state) and distillation off, through the trainer's jitted, donated
 (DeiT-S once per `--attention` implementation: XLA's and cuDNN's fused flash attention):
 Mixup/CutMix, drop path, AdamW, the lot, on random 224x224 images. timm: the same architecture
 with the config's drop-path rate, bf16 autocast, `torch.compile(model)`, fused AdamW, soft-target
-cross-entropy (no Mixup). Both: `--steps` timed steps after 3 warm-up steps (compilation). MFU =
+cross-entropy (no Mixup). With `--on-accelerator` (default) ours also runs with
+`dataset.on_accelerator` (the default on a GPU): the same step, which now first resamples a host
+batch of uint8 crops in canvases and applies flip, RandAugment and erasing (`accelerator_batch`);
+the ratio of the two rates is that work's cost in the step. Both: `--steps` timed steps after 3
+warm-up steps (compilation). MFU =
 6 x forward MACs (`compact_vit.profile.count_macs`) x images/s / the GPU's dense bf16 peak; the
 same FLOP count is used for both sides.
 
@@ -45,9 +49,28 @@ def peak_flops(kind: str) -> float | None:
   return None
 
 
-def ours_train(name: str, batch: int, steps: int, attention: str = "xla"):
+def accelerator_batch(config, batch: int, seed: int = 0) -> dict:
+  """A host batch as `dataset.on_accelerator` sends it: uint8 crops of 112..canvas pixels a side
+  (random, as random-resized crops of ImageNet photos) in canvases, their resampling to img_size,
+  and augmentation keys."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from compact_vit.data import accelerator  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  canvas = accelerator.canvas_size(config.img_size, config.dataset.canvas_min_side)
+  size = rng.integers(112, canvas + 1, (batch, 2)).astype(np.int32)
+  return {"image": rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8), "size": size,
+          "scale": (config.img_size / size).astype(np.float32),
+          "translation": np.zeros((batch, 2), np.float32),
+          "aug_key": rng.integers(0, 2**32, (batch, 2), dtype=np.uint32),
+          "label": rng.integers(0, 1000, batch).astype(np.int32)}
+
+
+def ours_train(name: str, batch: int, steps: int, attention: str = "xla",
+               on_accelerator: bool = False):
   """(images/s, forward MACs per image) of the trainer's train_step in bf16; `attention` is the
-  ViT's attention implementation (`layers.Attention`)."""
+  ViT's attention implementation (`layers.Attention`); `on_accelerator`: the step also resamples
+  and augments (DeiT's recipe: flip, RandAugment, erasing) a host batch of crops in canvases
+  (`dataset.on_accelerator`), else it gets ready images."""
   import importlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -63,14 +86,19 @@ def ours_train(name: str, batch: int, steps: int, attention: str = "xla"):
     state = jax.jit(functools.partial(trainer.create_train_state, model, tx,
                                       img_size=config.img_size, use_ema=False))(
                                           jax.random.key(0))
+    config.dataset.on_accelerator = on_accelerator
     step = jax.jit(functools.partial(
         trainer.train_step, model=model, tx=tx, schedule=schedule, base_rng=jax.random.key(0),
         num_classes=1000, aug=config.aug.to_dict(), distill=config.distill.to_dict(),
-        objective=trainer.objective_options(config)), donate_argnums=(0,))
+        objective=trainer.objective_options(config),
+        input_fn=trainer.accelerator_inputs(config)[0]), donate_argnums=(0,))
     rng = np.random.default_rng(0)
-    data = {"image": jax.device_put(rng.standard_normal(
-                (batch, config.img_size, config.img_size, 3), dtype=np.float32)),
-            "label": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32))}
+    if on_accelerator:
+      data = jax.device_put(accelerator_batch(config, batch))
+    else:
+      data = {"image": jax.device_put(rng.standard_normal(
+                  (batch, config.img_size, config.img_size, 3), dtype=np.float32)),
+              "label": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32))}
     for _ in range(3):
       state, metrics = step(state, data, None)
     jax.block_until_ready(metrics)
@@ -150,10 +178,15 @@ def train_section(args, out):
   for name in args.models.split(","):
     rates = {}
     macs = drop_path = None
-    for attention in (args.attention.split(",") if name in VIT_MODELS else ["xla"]):
-      label = "ours" if attention == "xla" else f"ours, attention={attention}"
+    variants = [(a, False) for a in (args.attention.split(",") if name in VIT_MODELS else ["xla"])]
+    if args.on_accelerator:
+      variants.append(("xla", True))
+    for attention, on_accelerator in variants:
+      label = ("ours" if attention == "xla" else f"ours, attention={attention}") + (
+          ", on_accelerator (resampling + DeiT's augmentation in the step)" if on_accelerator else "")
       try:
-        rates[label], macs, drop_path = ours_train(name, args.batch, args.steps, attention)
+        rates[label], macs, drop_path = ours_train(name, args.batch, args.steps, attention,
+                                                   on_accelerator)
       except Exception as e:  # pylint: disable=broad-except
         traceback.print_exc()
         out(f"| {name} | {label} | error: {type(e).__name__}: {str(e).splitlines()[0][:150]} "
@@ -176,6 +209,10 @@ def train_section(args, out):
       mfu = f"{6 * macs * rate / peak:.1%}" if peak and macs else ""
       vs = f"{rate / ref:.2f}x" if ref and label.startswith("ours") else ""
       out(f"| {name} | {label} | {rate:.0f} | {mfu} | {vs} |")
+    accel = [label for label in rates if "on_accelerator" in label]
+    if accel and "ours" in rates:
+      out(f"| {name} | on_accelerator step / plain step (speed) | {rates[accel[0]] / rates['ours']:.3f}x "
+          "| | |")
     if macs:
       out(f"| {name} | (forward GMACs per image) | {macs / 1e9:.3f} | | |")
 
@@ -223,6 +260,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--attention", default="xla,cudnn",
                       help="attention implementations to train DeiT-S with (layers.Attention)")
+  parser.add_argument("--on-accelerator", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time the step with dataset.on_accelerator (its input work on the GPU)")
   parser.add_argument("--sepvit-repo", help="checkout of liwei109/SepViT (authors' SepViT)")
   parser.add_argument("--dss-candidates", type=int, default=64)
   parser.add_argument("--dss-chunk", type=int, default=16)

@@ -4,7 +4,8 @@
 #
 #   benchmarks/gpu_all.sh [SEPVIT_REPO]
 #
-# 1. DeiT-S train step, bf16, batch 256, with XLA's and cuDNN's attention, beside timm under
+# 1. DeiT-S train step, bf16, batch 256, with XLA's and cuDNN's attention, and with
+#    dataset.on_accelerator (resampling and DeiT's augmentation in the step), beside timm under
 #    torch.compile (benchmarks/gpu.py; appends to benchmarks/results/gpu.md);
 # 2. token reduction inference, bf16, batch 64 and 256 (benchmarks/results/token_reduction_gpu.md);
 # 3. SepViT-T train step beside the authors' module (SEPVIT_REPO: a liwei109/SepViT checkout).
@@ -22,8 +23,8 @@ step() {
   echo "== $* (limit ${limit} s)"
   timeout "$limit" "$@" || echo "== exit status $?: $*"
 }
-step 200 python benchmarks/gpu.py --sections train --models deit_small_patch16_224
+step 260 python benchmarks/gpu.py --sections train --models deit_small_patch16_224
 step 120 python benchmarks/token_reduction.py --platform gpu --dtype bfloat16 --batches 64,256 \
   --groups deit_small_patch16_224 --out benchmarks/results/token_reduction_gpu.md
-step 240 python benchmarks/gpu.py --sections train --models sepvit_t --steps 10 \
+step 240 python benchmarks/gpu.py --sections train --models sepvit_t --steps 10 --no-on-accelerator \
   ${sepvit:+--sepvit-repo "$sepvit"}

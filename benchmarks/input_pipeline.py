@@ -27,7 +27,7 @@ Pipelines, each with batch 128, 224x224, all processes pinned to the same `--cor
   * train, decode + resample: the floor plus the bicubic antialiased resampling to 224x224, no
     augmentation (where the time between the floor and ours goes);
   * ours, on_accelerator (train and eval): the same iterators with `dataset.on_accelerator=True`,
-    the host's part only: decoded crops padded into 512x512 uint8 canvases (resampling and
+    the host's part only: decoded crops padded into 640x640 uint8 canvases (resampling and
     augmentation then run in the jitted step: `compact_vit.data.accelerator`, timed once on these
     cores for information);
   * eval, ours: `pipeline.eval_iterator` (crop_pct 0.875); eval, timm: create_transform(224,
