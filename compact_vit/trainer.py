@@ -199,6 +199,15 @@ def accelerator_inputs(config: ml_collections.ConfigDict) -> tuple[Callable | No
           functools.partial(accelerator.eval_batch, **norm))
 
 
+def host_dataset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.dataset` with `on_accelerator` off, for tools that give `batch["image"]` to the model
+  themselves (the searches' scoring and calibration) rather than through `train_step` /
+  `eval_step` with `accelerator_inputs`: the host then resamples and augments whatever the backend."""
+  dataset = config.dataset.copy_and_resolve_references()
+  dataset.on_accelerator = False
+  return dataset
+
+
 def validate_config(config: ml_collections.ConfigDict, training: bool = True) -> None:
   """User-fixable config errors, raised before any data is read or anything compiles.
 
@@ -559,9 +568,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Loop. Losses are checked one step late (LossGuard), and always before a save.
   hint = ""
   if train_input_fn is None and jax.default_backend() != "cpu":
-    hint = ("The host's input pipeline sets the pace: dataset.on_accelerator is False in this run; unset "
-            "(auto) or True, it leaves the host only decoding and cropping (README: Input pipeline speed, "
-            "and host cores per accelerator).")
+    hint = ("The host's input pipeline sets the pace: dataset.on_accelerator is False in this run; "
+            "unset (auto) or True, it leaves the host only decoding and cropping (README: Input "
+            "pipeline speed, and host cores per accelerator).")
   progress = Progress(total_steps, config.batch_size, input_bound_hint=hint)
   final_eval: dict[str, float] = {}
   guard = LossGuard(ckpt.directory, start_step if ckpt.latest_step() is not None else None)

@@ -140,3 +140,18 @@ def test_tiny_tf_tas_search_json_and_dss_against_naive_reference(tmp_path):
   by_map = tf_tas.make_scorer(model, params, chunk=2, vectorize=False)(archs)
   by_vmap = tf_tas.make_scorer(model, params, chunk=2, vectorize=True)(archs)
   np.testing.assert_allclose(by_vmap, by_map, rtol=1e-4)
+
+
+def test_search_scoring_gets_images_where_on_accelerator_is_auto(tmp_path, monkeypatch):
+  """On a GPU or TPU, auto turns dataset.on_accelerator on for train.py / eval.py; the searches give
+  batch['image'] to the model themselves, so they read the host path's images whatever the backend."""
+  from compact_vit import trainer  # pylint: disable=import-outside-toplevel
+  config = autoformer_common.search_config("t", "evolution", "quick")
+  config.img_size = 8
+  config.dataset.data_dir = str(tmp_path)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert trainer.accelerator_inputs(config)[1] is not None  # the steps would resample themselves
+  assert config.dataset.on_accelerator is None and trainer.host_dataset(config).on_accelerator is False
+  batch = evolution._eval_batches(config, limit=16)[0]  # pylint: disable=protected-access
+  assert batch["image"].shape == (config.eval_batch_size, 8, 8, 3)
+  assert batch["image"].dtype == np.float32

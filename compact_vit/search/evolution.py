@@ -75,7 +75,7 @@ def _eval_batches(config, limit: int) -> list[dict[str, np.ndarray]]:
   """The eval split in memory (the first `limit` examples when `limit` > 0)."""
   from compact_vit.data import pipeline
   batches, seen = [], 0
-  for batch in pipeline.eval_iterator(config.dataset, img_size=config.img_size,
+  for batch in pipeline.eval_iterator(trainer.host_dataset(config), img_size=config.img_size,
                                       batch_size=config.eval_batch_size, crop_pct=config.crop_pct,
                                       process_index=0, process_count=1):
     batch = dict(batch)

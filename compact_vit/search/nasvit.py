@@ -63,7 +63,8 @@ def evaluate_subnets(config, subnets: dict) -> dict:
                           jax.random.key(0))
   stats = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes["batch_stats"])
   variables = {"params": params, "batch_stats": stats}  # every used entry is recalibrated
-  train = pipeline.train_iterator(config.dataset, config.aug, img_size=config.img_size,
+  dataset = trainer.host_dataset(config)  # batch['image'] goes to the model here, not via a step
+  train = pipeline.train_iterator(dataset, config.aug, img_size=config.img_size,
                                   batch_size=config.batch_size, seed=config.seed)
   calib = [next(train)["image"] for _ in range(s.calib_batches)]
   scores = {}
@@ -75,7 +76,7 @@ def evaluate_subnets(config, subnets: dict) -> dict:
     sub_model = model.clone(img_size=size)
     evaluate = jax.jit(lambda v, b: trainer.eval_step(v, b, model=_Subnet(sub_model, arch)))
     totals = None
-    for batch in pipeline.eval_iterator(config.dataset, img_size=size,
+    for batch in pipeline.eval_iterator(dataset, img_size=size,
                                         batch_size=config.eval_batch_size,
                                         crop_pct=config.crop_pct, process_index=0,
                                         process_count=1):

@@ -91,7 +91,7 @@ def _evaluate(config, model, params) -> float:
   from compact_vit.data import pipeline
   mesh = sharding.make_mesh(config.mesh)
   eval_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
-  batches = pipeline.eval_iterator(config.dataset, img_size=config.img_size,
+  batches = pipeline.eval_iterator(trainer.host_dataset(config), img_size=config.img_size,
                                    batch_size=config.eval_batch_size, crop_pct=config.crop_pct)
   return trainer.evaluate(eval_fn, {"params": params}, batches, mesh)["top1"]
 
