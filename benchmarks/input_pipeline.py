@@ -33,6 +33,8 @@ Pipelines, each with batch 128, 224x224, all processes pinned to the same `--cor
   * eval, ours: `pipeline.eval_iterator` (crop_pct 0.875); eval, timm: create_transform(224,
     crop_pct=0.875, interpolation='bicubic') in the same DataLoader setting; eval floor: decoding
     the window ours decodes.
+The floors run their map with the same tf.data options and parallel calls as ours
+(`pipeline.parallel_calls()`).
 timm runs in a child process (TensorFlow and PyTorch are never in one process). Each timing builds a
 fresh iterator, takes 5 untimed batches (start-up, then what was made ahead: the DataLoader keeps 2
 batches per worker in flight) and then times `--batches` batches, with at least 5 more batches left in
@@ -239,7 +241,7 @@ def our_pipelines(data_dir: str):
         return transforms.resize_float(image, [IMG, IMG])
       return tf.shape(image)
 
-    ds = shard.records(None).repeat().enumerate().map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = shard.records(None).repeat().enumerate().map(decode, num_parallel_calls=pipeline.parallel_calls())
     return ds.batch(BATCH).prefetch(2).with_options(pipeline._options()).as_numpy_iterator()  # pylint: disable=protected-access
 
   def eval_batches(config):

@@ -100,6 +100,21 @@ def test_train_is_deterministic_and_seeded(data_dir):
   assert np.all(np.isfinite(first[0]['image']))
 
 
+def test_batches_do_not_depend_on_the_host_cores(data_dir, monkeypatch):
+  """The map's in-flight window grows with the cores (`pipeline.parallel_calls`); a run resumed on
+  a host with other cores must still read the same batches, train and eval."""
+  cfg = dataset_cfg(data_dir, train_split='train[:300]')
+  batches = {}
+  for cores in ({0}, {0, 1, 2}):
+    monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid, cores=cores: cores)
+    assert pipeline.parallel_calls() == pipeline.IN_FLIGHT_PER_CORE * len(cores)
+    train = take(pipeline.train_iterator(cfg, aug_cfg(), img_size=IMG, batch_size=32, seed=3), 3)
+    evals = list(pipeline.eval_iterator(cfg, img_size=IMG, batch_size=100, crop_pct=0.875))
+    batches[len(cores)] = train, evals
+  assert_same(batches[1][0], batches[3][0])
+  assert_same(batches[1][1], batches[3][1])
+
+
 @pytest.mark.parametrize('cache', [False, True])
 def test_resume_matches_uninterrupted_run_across_epochs(data_dir, cache):
   cfg = dataset_cfg(data_dir, train_split='train[:430]', shuffle_buffer=200, cache=cache)
