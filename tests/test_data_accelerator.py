@@ -212,6 +212,24 @@ def test_augmentation_draws_per_example_and_is_a_function_of_the_batch(data_dir)
   assert 0.18 < erased.mean() < 0.32
 
 
+def test_images_for_a_fixed_seed_and_step_are_pinned(data_dir):
+  """The GPU/TPU default (on_accelerator): batch 3 of seed 0 with DeiT's augmentation, host part and
+  step part, as recorded: labels exactly, per-image mean and standard deviation within 2e-3 (as the
+  host path's pin in test_data.py). A change here changes every accelerator run's data: update the
+  numbers only on purpose."""
+  aug = ml_collections.ConfigDict(dict(random_resized_crop=True, hflip=True,
+                                       randaugment='rand-m9-mstd0.5-inc1', random_erasing=0.25))
+  batch = next(pipeline.train_iterator(dataset_cfg(data_dir, True), aug, img_size=32, batch_size=8,
+                                       seed=0, start_step=3))
+  images = np.asarray(jax.jit(lambda b: accelerator.train_batch(
+      b, settings.TrainAugment.from_config(aug), img_size=32, mean=MEAN, std=STD))(batch))
+  assert batch['label'].tolist() == [9, 1, 5, 0, 1, 0, 3, 2]
+  np.testing.assert_allclose(images.mean(axis=(1, 2, 3)),
+                             [-1.516, -0.5236, 0.9691, 0.6358, -0.8631, -0.4477, -0.6288, 0.8941], atol=2e-3)
+  np.testing.assert_allclose(images.std(axis=(1, 2, 3)),
+                             [0.9634, 1.6392, 1.604, 1.6792, 1.3585, 1.166, 1.2748, 1.6072], atol=2e-3)
+
+
 def test_canvas_side(data_dir):
   """max(2 img_size, dataset.canvas_min_side), 640 by default: ImageNet's usual 500-pixel photos
   travel whole at 224."""

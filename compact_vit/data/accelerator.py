@@ -48,9 +48,9 @@ _BAND_OUTPUTS = 16  # Outputs per window of the banded resampling (`_band`).
 def canvas_size(img_size: int, min_side: int = CANVAS_MIN_SIDE) -> int:
   """Side of the canvas the host sends when resampling runs on the accelerator: 2 img_size, and at
   least `min_side` (`dataset.canvas_min_side`, 640). Crops larger than the canvas are resampled on the
-  host, ~5 ms for a large photo's crop. On benchmarks/input_pipeline.py's ImageNet-like JPEGs at 224,
+  host, ~3 ms each for a large photo's crop or window (one core). On benchmarks/input_pipeline.py's ImageNet-like JPEGs at 224,
   the crops larger than 448 / 512 / 640 pixels are 8.9% / 4.5% / 1.8% of random-resized crops (28% /
-  19% / 10% of their pixels, which set the host's time) and 17% / 7.0% / 3.2% of eval windows. A
+  19% / 10% of their pixels, which set the host's time) and 17% / 7.0% / 2.8% of eval windows. A
   canvas costs side² x 3 bytes per image to copy to the accelerator (1.2 MB at 640), and the banded
   resampling there grows with it (`resample`)."""
   return max(2 * img_size, int(min_side))
