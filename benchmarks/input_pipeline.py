@@ -241,7 +241,8 @@ def our_pipelines(data_dir: str):
         return transforms.resize_float(image, [IMG, IMG])
       return tf.shape(image)
 
-    ds = shard.records(None).repeat().enumerate().map(decode, num_parallel_calls=pipeline.parallel_calls())
+    ds = shard.records(None).repeat().enumerate().map(decode,
+                                                      num_parallel_calls=pipeline.parallel_calls())
     return ds.batch(BATCH).prefetch(2).with_options(pipeline._options()).as_numpy_iterator()  # pylint: disable=protected-access
 
   def eval_batches(config):

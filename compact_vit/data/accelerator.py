@@ -48,10 +48,10 @@ _BAND_OUTPUTS = 16  # Outputs per window of the banded resampling (`_band`).
 def canvas_size(img_size: int, min_side: int = CANVAS_MIN_SIDE) -> int:
   """Side of the canvas the host sends when resampling runs on the accelerator: 2 img_size, and at
   least `min_side` (`dataset.canvas_min_side`, 640). Crops larger than the canvas are resampled on the
-  host, ~3 ms each for a large photo's crop or window (one core). On benchmarks/input_pipeline.py's ImageNet-like JPEGs at 224,
-  the crops larger than 448 / 512 / 640 pixels are 8.9% / 4.5% / 1.8% of random-resized crops (28% /
-  19% / 10% of their pixels, which set the host's time) and 17% / 7.0% / 2.8% of eval windows. A
-  canvas costs side² x 3 bytes per image to copy to the accelerator (1.2 MB at 640), and the banded
+  host, ~3 ms each for a large photo's crop or window (one core). On benchmarks/input_pipeline.py's
+  ImageNet-like JPEGs at 224, the crops larger than 448 / 512 / 640 pixels are 8.9% / 4.5% / 1.8% of
+  random-resized crops (28% / 19% / 10% of their pixels, which set the host's time) and 17% / 7.0% /
+  2.8% of eval windows. A canvas costs side² x 3 bytes per image to copy to the accelerator (1.2 MB at 640), and the banded
   resampling there grows with it (`resample`)."""
   return max(2 * img_size, int(min_side))
 
@@ -108,7 +108,7 @@ def _band_weights(out_size: int, in_size: jax.Array, scale: jax.Array, translati
   starts = jnp.clip(starts, 0, canvas - window).astype(jnp.int32)  # (B, G)
   source = (starts[..., None] + jnp.arange(window))  # (B, G, window)
   # Output i of group k reads window k: weights (B, G * per_group, window), then split per group.
-  index = jnp.minimum(jnp.arange(groups * per_group) // per_group, groups - 1)
+  index = jnp.arange(groups * per_group) // per_group
   weights = resample_weights(groups * per_group, in_size, scale, translation, source[:, index])
   return starts, weights.reshape(-1, groups, per_group, window)
 
