@@ -3,7 +3,14 @@
 `create_model(name, pretrained=False, **overrides)` is the timm-style entry point: the Flax module
 of `compact_vit.models.create_model`, or with `pretrained` (True for the model's published
 weights, or `hf-hub:OWNER/NAME`, a checkpoint file, a converted directory) `(model, variables)`.
+
+Importing the package applies the project's XLA CPU settings (`compact_vit.xla.set_cpu_defaults`)
+when JAX's backends have not started yet: flags the user set in XLA_FLAGS win, and
+`COMPACT_VIT_NO_CPU_DEFAULTS=1` turns this off (`compact_vit.xla.set_cpu_defaults_on_import`).
 """
+from compact_vit import xla as _xla
+
+_xla.set_cpu_defaults_on_import()
 
 
 def create_model(name: str, pretrained: bool | str = False, **overrides):

@@ -1,8 +1,10 @@
 """XLA settings for the CPU backend, measured in benchmarks/zoo.py (benchmarks/results/zoo_cpu.md).
 
-`set_cpu_defaults()` adds `CPU_XLA_FLAGS` to XLA_FLAGS (train.py, eval.py, search.py and the
-profile CLI call it before JAX's backend starts); the trainer's train step compiles with
-`train_compiler_options()`. Both do nothing on GPU or TPU and yield to the user's XLA_FLAGS.
+`set_cpu_defaults()` adds `CPU_XLA_FLAGS` to XLA_FLAGS; `import compact_vit` calls it through
+`set_cpu_defaults_on_import()` when JAX's backends have not started yet (unless the environment sets
+`COMPACT_VIT_NO_CPU_DEFAULTS=1`), and train.py, eval.py, search.py and the profile CLI call it
+before JAX's backend starts. The trainer's train step compiles with `train_compiler_options()`.
+Both do nothing on GPU or TPU and yield to the user's XLA_FLAGS.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true", "--xla_cpu_experimental_ynn_fusio
 # reductions: YNNPACK's stop LayerNorm and softmax fusing (DeiT-S 15.2 -> 13.5 images/s).
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
+# Set to 1 (or any value but 0) to keep `import compact_vit` from touching XLA_FLAGS.
+OPT_OUT_ENV = "COMPACT_VIT_NO_CPU_DEFAULTS"
+
 
 def _flag_name(flag: str) -> str:
   """'--xla_foo=bar' -> 'xla_foo' (the name compiler_options use too)."""
@@ -40,6 +45,22 @@ def set_cpu_defaults() -> None:
   extra = [f for f in CPU_XLA_FLAGS if _flag_name(f) not in given]
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def backends_started() -> bool:
+  """Whether JAX has started its backends, after which XLA no longer reads XLA_FLAGS."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  return xla_bridge.backends_are_initialized()
+
+
+def set_cpu_defaults_on_import() -> bool:
+  """`set_cpu_defaults()` unless `OPT_OUT_ENV` is set (to anything but '' or '0') or JAX's backends
+  have already started (then the process keeps the XLA flags it started with). Returns whether it
+  ran; `import compact_vit` calls it."""
+  if os.environ.get(OPT_OUT_ENV, "") not in ("", "0") or backends_started():
+    return False
+  set_cpu_defaults()
+  return True
 
 
 def train_compiler_options() -> dict[str, str]:
