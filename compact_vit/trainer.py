@@ -569,8 +569,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   hint = ""
   if train_input_fn is None and jax.default_backend() != "cpu":
     hint = ("The host's input pipeline sets the pace: dataset.on_accelerator is False in this run; "
-            "unset (auto) or True, it leaves the host only decoding and cropping (README: Input "
-            "pipeline speed, and host cores per accelerator).")
+            "unset (auto) or True, it leaves the host only decoding and cropping (docs/speed.md: "
+            "Input pipeline speed, and host cores per accelerator).")
   progress = Progress(total_steps, config.batch_size, input_bound_hint=hint)
   final_eval: dict[str, float] = {}
   guard = LossGuard(ckpt.directory, start_step if ckpt.latest_step() is not None else None)
