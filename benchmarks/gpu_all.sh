@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements docs/speed.md reports, in one run from the repository root, each step under its
-# own time limit (seconds) so that one slow compilation cannot use up the others' time:
+# The GPU measurements docs/speed.md reports, in one run from the repository root, each step under
+# its own time limit (seconds) so that one slow compilation cannot use up the others' time:
 #
 #   benchmarks/gpu_all.sh [SEPVIT_REPO]
 #
