@@ -13,13 +13,14 @@ Two kinds of checkpoint live here:
 from __future__ import annotations
 
 import json
-import os
+import logging
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from compact_vit import paths
 from compact_vit.errors import UserError
 
 
@@ -55,29 +56,29 @@ def check_tree_matches(expected: Mapping[str, Any], got: Mapping[str, Any], what
 
 def save_variables(directory: str, variables: Mapping[str, Any], model_name: str,
                    overrides: Mapping[str, Any] | None = None) -> str:
-  """Writes `directory/model.json` and `directory/variables` (Orbax). Returns the directory."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  """Writes `directory/variables` (Orbax), then `directory/model.json`, which marks the copy
+  complete (local or gs://). Returns the directory."""
+  directory = paths.absolute(paths.check_path(directory, "Output directory"))
+  paths.makedirs(directory)
   tree = jax.tree.map(np.asarray, dict(variables))
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "variables"), tree, force=True)
+  ckptr.save(paths.join(directory, "variables"), tree, force=True)
   ckptr.wait_until_finished()
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump({"model": model_name, "overrides": dict(overrides or {})}, f, indent=2)
+  paths.write_text(paths.join(directory, "model.json"),
+                   json.dumps({"model": model_name, "overrides": dict(overrides or {})}, indent=2))
   return directory
 
 
 def load_variables(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads what `save_variables` wrote. Returns (variables as numpy arrays, model.json contents)."""
-  directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, "model.json")
-  if not os.path.exists(meta_path):
+  directory = paths.absolute(paths.check_path(directory, "Converted checkpoint"))
+  meta_path = paths.join(directory, "model.json")
+  if not paths.exists(meta_path):
     raise UserError(
         f"{directory} is not a converted checkpoint (no model.json). Create one with "
         "`python -m compact_vit.convert --model NAME --checkpoint FILE --out DIR`.")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
+  meta = json.loads(paths.read_text(meta_path))
+  tree = ocp.StandardCheckpointer().restore(paths.join(directory, "variables"))
   return jax.tree.map(np.asarray, tree), meta
 
 
@@ -92,19 +93,55 @@ def params_sha256(params: Mapping[str, Any]) -> str:
   return digest.hexdigest()
 
 
+class SaveFailed(UserError):
+  """A checkpoint could not be written; the message names the path, the reason and the last
+  complete checkpoint, which is kept."""
+
+
+class _OrbaxErrors(logging.Filter):
+  """Keeps the errors Orbax's background save threads log (they do not reach the caller) and
+  drops their tracebacks from the console: `TrainCheckpointer` reports them in one line."""
+
+  def __init__(self):
+    super().__init__()
+    self.errors: list[BaseException] = []
+    self.active = False  # while a save is in flight
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if self.active and record.levelno >= logging.ERROR and "orbax" in record.pathname:
+      if record.exc_info and record.exc_info[1] is not None:
+        self.errors.append(record.exc_info[1])
+      return False
+    return True
+
+
 class TrainCheckpointer:
-  """Orbax CheckpointManager for the whole train state; keeps the latest `keep` steps."""
+  """Orbax CheckpointManager for the whole train state; keeps the latest `keep` steps.
+
+  Saves are asynchronous: `save` returns once the state is copied to host memory and the upload
+  goes on while training continues. Whether a save committed is checked at the next `save` and at
+  `wait`; one that failed raises `SaveFailed`, and the previous checkpoint stays the latest."""
 
   def __init__(self, directory: str, keep: int = 3):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(paths.check_path(directory, "Checkpoint directory"))
+    self._errors = _OrbaxErrors()
+    logging.getLogger("absl").addFilter(self._errors)
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self._pending: int | None = None  # the step whose save may still be in flight
+    self.last_complete = self._manager.latest_step()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts saving `state` as `step` (after checking that the previous save committed)."""
+    self.check()
+    self._pending, self._errors.active = step, True
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:  # pylint: disable=broad-except  (any storage client's error)
+      self._raise_failed(step, e)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Restores into the structure, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
@@ -137,4 +174,35 @@ class TrainCheckpointer:
                       f"model ({e}). Use another --workdir or the config it was trained with.") from e
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight, if any, has committed; raises SaveFailed if it did not."""
+    self.check()
+
+  def check(self) -> None:
+    """Waits for the save in flight and raises SaveFailed if it did not commit."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._errors.errors.append(e)
+    failed = self._errors.errors[:1] or [None]
+    self._errors.active = False
+    if failed[0] is not None or step not in self._manager.all_steps():
+      self._raise_failed(step, failed[0])
+    self.last_complete = step
+
+  def _raise_failed(self, step: int, error: BaseException | None) -> None:
+    self._errors.errors.clear()
+    self._errors.active = False
+    reason = paths.describe_error(error) if error is not None else "it did not commit"
+    kept = (f"the last complete checkpoint (step {self.last_complete}) is kept and restores"
+            if self.last_complete is not None else "no earlier checkpoint exists")
+    what = ("free space (or move --workdir) and rerun the same command to resume"
+            if "disk is full" in reason else "fix the storage and rerun the same command to resume")
+    raise SaveFailed(f"Saving the checkpoint of step {step} to {paths.join(self.directory, str(step))}"
+                     f" failed: {reason}; {kept}; {what}.") from error
+
+  def close(self) -> None:
+    """Stops keeping Orbax's save errors (the manager's threads are finished by `wait`)."""
+    logging.getLogger("absl").removeFilter(self._errors)

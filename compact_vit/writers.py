@@ -2,45 +2,107 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Mapping
 
+from compact_vit import paths
+from compact_vit.errors import UserError
+
 
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` lines to WORKDIR/metrics.jsonl and TensorBoard scalars.
+  """`{"step": s, **metrics}` lines in WORKDIR/metrics.jsonl, and TensorBoard scalars.
+
+  A resumed run replays the steps after its checkpoint, so at start the lines of steps after
+  `start_step` (written by the interrupted attempt) are dropped: no line is lost or repeated.
+  Locally each line is appended and flushed at once. A bucket object cannot be appended to, so
+  there the whole file is rewritten (one atomic upload) at most every `flush_secs` and at every
+  `flush()` (the trainer's checkpoint saves) and `close()`: a run killed between flushes loses only
+  lines of steps after its last checkpoint, which the rerun writes again.
 
   Only the writing process (process 0) passes enabled=True.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0,
+               flush_secs: float = 30.0):
     self.enabled = enabled
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self._remote = paths.is_remote(workdir)
+    self._flush_secs = flush_secs
     self._tb = None
-    if enabled:
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._file = None
+    if not enabled:
+      return
+    self._lines = self._kept_lines(start_step)
+    self._flushed = time.monotonic()
+    self._guard(lambda: paths.write_text(self.path, "".join(self._lines)))
+    if not self._remote:
+      self._file = self._guard(lambda: open(self.path, "a"))
+      self._lines = []
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard events are optional
+      self._tb = None
+
+  def _kept_lines(self, start_step: int) -> list[str]:
+    if not self._guard(lambda: paths.exists(self.path)):
+      return []
+    kept = []
+    for line in self._guard(lambda: paths.read_text(self.path)).splitlines():
       try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:  # TensorBoard events are optional
-        self._tb = None
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a torn last line of a killed local run
+        continue
+      if int(record.get("step", 0)) <= start_step:
+        kept.append(line + "\n")
+    return kept
+
+  def _guard(self, fn):
+    try:
+      return fn()
+    except OSError as e:
+      raise UserError(f"Writing {self.path} failed: {paths.describe_error(e)}. Free space or fix "
+                      "the permissions, then rerun the same command to resume.") from e
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._file is not None:
+      def append():
+        self._file.write(line)
+        self._file.flush()
+      self._guard(append)
+    else:
+      self._lines.append(line)
+      if time.monotonic() - self._flushed >= self._flush_secs:
+        self.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), int(step))
+      if not self._remote:
+        self._tb.flush()
+
+  def flush(self) -> None:
+    """Makes every line written so far durable (a bucket: rewrites the object)."""
+    if not self.enabled:
+      return
+    if self._remote:
+      self._guard(lambda: paths.write_text(self.path, "".join(self._lines)))
+      self._flushed = time.monotonic()
+    if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      self.flush()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
+        self._tb = None
 
 
 def _format_seconds(seconds: float) -> str:
