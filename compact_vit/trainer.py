@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -32,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from compact_vit import checkpointing, losses, models, objectives, optim, sharding, xla
+from compact_vit import checkpointing, losses, models, objectives, optim, paths, sharding, xla
 from compact_vit.convert.hub import resolve_init_from
 from compact_vit.errors import UserError
 from compact_vit.writers import MetricWriter, Progress
@@ -477,6 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Mesh and input.
   nproc, pid = jax.process_count(), jax.process_index()
   log = functools.partial(print, flush=True) if pid == 0 else lambda *a, **k: None
+  paths.check_workdir(workdir, pid)  # a bad path, bucket or permission fails before compiling
   mesh = sharding.make_mesh(config.mesh)
   grad_accum = int(config.grad_accum)
   sharding.check_batch_size(config.batch_size, mesh, grad_accum=grad_accum)
@@ -515,17 +515,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     teacher, teacher_vars = load_teacher(config)
     teacher_vars = jax.device_put(teacher_vars, repl)
 
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpointing.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.TrainCheckpointer(paths.join(workdir, "checkpoints"),
                                          keep=config.keep_checkpoints)
-  writer = MetricWriter(workdir, enabled=pid == 0)
   if pid == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # State: latest checkpoint, else fresh init (+ converted weights).
   state, start_step = restore_or_init(ckpt, init_fn, rng, abstract_state, state_sh, tx,
                                       init_from=init_variables_from, use_ema=use_ema, log=log)
+  writer = MetricWriter(workdir, enabled=pid == 0, start_step=start_step)
   if start_step == 0 and init_variables_from is not None:
     log(f"Initialised parameters from {config.init_from}.")
 
@@ -605,20 +603,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopping = stop_agreed(stop.signal is not None)
       if step % config.checkpoint_every == 0 or is_last or stopping:
         guard.check_now()
+        writer.flush()  # the lines up to this step are durable before its checkpoint is
         ckpt.save(step, state)
         guard.last_saved = step
       if stopping:
         stopped_by = stop.signal or "a stop request on another process"
         break
   ckpt.wait()
+  ckpt.close()
   writer.close()
   if stopped_by:
     log(f"Received {stopped_by}: saved a checkpoint at step {step} in {ckpt.directory}; "
         "rerun the same command to resume.")
   elif final_eval:
     if pid == 0:  # marks the run finished (compact_vit.sweep reads it)
-      with open(os.path.join(workdir, "final.json"), "w") as f:
-        json.dump({"step": step, "train/loss": last_loss, **final_eval}, f, indent=2)
+      paths.write_text(paths.join(workdir, "final.json"), json.dumps(
+          {"step": step, "train/loss": last_loss, **final_eval}, indent=2))
     log(f"Done: step {step}, val top-1 {final_eval['val/top1']:.4f}, top-5 "
-        f"{final_eval['val/top5']:.4f}. Outputs in {os.path.abspath(workdir)}.")
+        f"{final_eval['val/top5']:.4f}. Outputs in {paths.absolute(workdir)}.")
   return {"step": step, "stopped": stopped_by, **final_eval}
