@@ -1,6 +1,7 @@
 """Tests for compact_vit.data: the digits builder, the train/eval iterators (determinism, resume,
 padding), folder and ImageNet sources, and the augmentations."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -227,29 +228,43 @@ def test_bad_values_raise_user_errors(data_dir):
                            batch_size=8, crop_pct=1.)
 
 
-_FAULTS_PER_BATCH = '''
-import resource, statistics
+_ALLOCATOR_PROBE = '''
+import json, resource, statistics
 from compact_vit.data._tf import tf
 ds = tf.data.Dataset.range(30).map(lambda i: tf.fill([10_000_000], tf.cast(i, tf.float32))).batch(1)
 after_each = [resource.getrusage(resource.RUSAGE_SELF).ru_minflt for _ in ds.as_numpy_iterator()]
-print(statistics.median(b - a for a, b in zip(after_each[10:], after_each[11:])))
+try:
+  stats = tf.config.experimental.get_memory_info('CPU:0')  # Only a pooling allocator keeps stats.
+except ValueError:
+  stats = None
+print(json.dumps({'stats': stats,
+                  'faults': statistics.median(b - a for a, b in zip(after_each[10:], after_each[11:]))}))
 '''
 
 
-def test_tensorflow_pools_host_memory():
-  """data/_tf.py turns on TF's pooling CPU allocator: batches of 40 MB made one after another reuse
-  memory (no page faults in the median batch), where malloc maps fresh pages for each (40 MB / 4 kB =
-  9766 faults per tensor; the element and the batch)."""
+def _probe_allocator(**extra):
   root = os.path.dirname(os.path.dirname(__file__))
   env = {k: v for k, v in os.environ.items() if not k.startswith('TF_CPU_')}
+  out = subprocess.run([sys.executable, '-c', _ALLOCATOR_PROBE], check=True, cwd=root, text=True,
+                       capture_output=True, env={**env, **extra}).stdout
+  return json.loads(out.splitlines()[-1])
 
-  def faults(**extra):
-    out = subprocess.run([sys.executable, '-c', _FAULTS_PER_BATCH], check=True, cwd=root, text=True,
-                         capture_output=True, env={**env, **extra}).stdout
-    return float(out.split()[-1])
 
-  assert faults() < 100
-  assert faults(TF_CPU_ALLOCATOR_USE_BFC='0') > 5000  # The test sees the difference.
+def test_tensorflow_pools_host_memory():
+  """data/_tf.py turns on TF's pooling (BFC) CPU allocator: the allocator TF runs keeps statistics
+  (malloc's does not), the 40 MB batches were carved from its pool, and batches made one after another
+  reuse that memory: no page faults in the median batch. (What malloc costs instead depends on glibc's
+  dynamic mmap threshold and the machine's memory state, so it is measured by
+  benchmarks/host_allocator.py, not asserted here.)"""
+  probe = _probe_allocator()
+  assert probe['stats'] is not None, 'TF is not running its pooling CPU allocator'
+  assert probe['stats']['peak'] >= 40_000_000
+  assert probe['faults'] < 100
+
+
+def test_tensorflow_allocator_can_be_turned_off():
+  """TF_CPU_ALLOCATOR_USE_BFC=0 set by the user wins over data/_tf.py's default: TF runs malloc."""
+  assert _probe_allocator(TF_CPU_ALLOCATOR_USE_BFC='0')['stats'] is None
 
 
 def test_imagenet_not_prepared_says_how_to_prepare(tmp_path):
