@@ -1,7 +1,7 @@
 """The docs cannot rot: every relative link (and its #anchor) in README.md and docs/*.md, and every
 `python X.py` script, `python -m compact_vit.X` module and repository path (`configs/...`,
 `benchmarks/...`, ...) quoted in their code (spans and blocks) exists; every page in docs/ is linked
-from the README. Unquoted paths are prose (docs/recipes.md cites files of the authors' repositories)."""
+from the README. Unquoted paths are prose (docs/recipes.md cites files of the authors' code)."""
 import glob
 import itertools
 import os
@@ -15,14 +15,15 @@ PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{RO
 FENCE = re.compile(r"^```.*?^```[^\n]*$", re.S | re.M)
 INLINE_CODE = re.compile(r"`(?:[^`\n]|\n(?!\s*\n))+`")  # may wrap, not across paragraphs
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+HTML_LINK = re.compile(r"<(?:a|img)\b[^>]*?\b(?:href|src)=\"([^\"]+)\"", re.I)
 REF_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.M)
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 SCRIPT = re.compile(r"\bpython3?\s+([^\s\-`'\"][^\s`'\"]*\.py)\b")
 MODULE = re.compile(r"\bpython3?\s+-m\s+(compact_vit(?:\.\w+)*)")
 # A repository path: a top-level folder, then path characters or a {a,b} brace group.
-REPO_PATH = re.compile(
-    r"(?<![\w/.$~-])((?:configs|benchmarks|compact_vit|tests|docs|\.ci)/(?:[\w./*-]|\{[\w,.-]*\})*)")
+REPO_PATH = re.compile(r"(?<![\w/.$~-])((?:configs|benchmarks|compact_vit|tests|docs|\.ci)/"
+                       r"(?:[\w./*-]|\{[\w,.-]*\})*)")
 CHECKED_SUFFIXES = (".py", ".md", ".sh", ".png", ".json", ".txt", ".ini", ".toml", ".yaml", ".csv")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")  # configs/X.py, SEPVIT_REPO: stands for a name
 
@@ -63,7 +64,7 @@ def broken_references(text: str, page_dir: str, root: str = ROOT) -> list[str]:
   problems = []
   prose = _strip_code(text)
   code = "\n".join(FENCE.findall(text) + INLINE_CODE.findall(FENCE.sub("", text)))
-  for target in LINK.findall(prose) + REF_LINK.findall(prose):
+  for target in LINK.findall(prose) + REF_LINK.findall(prose) + HTML_LINK.findall(prose):
     if SCHEME.match(target):
       continue  # https:, mailto:, gs: ...
     path, _, anchor = target.partition("#")
@@ -119,7 +120,8 @@ def test_the_check_finds_what_is_broken():
 
 [fine](imagenet.md), [fine anchor](#next-step-the-runs-outputs), [fine](../README.md#quick-start),
 [gone](nowhere.md), [bad anchor](#no-such-heading), [bad anchor elsewhere](../README.md#nope),
-![gone picture](../benchmarks/results/nothing.png), [site](https://example.com/x.md).
+![gone picture](../benchmarks/results/nothing.png), [site](https://example.com/x.md),
+<img src="../benchmarks/results/zoo_top1_vs_gmacs.png"> <a href="../gone.md">gone</a>.
 
 ```bash
 python train.py --config configs/deit_s.py:quick      # fine
@@ -130,13 +132,14 @@ python search.py --config configs/X.py                # a placeholder
 
 `configs/deit_{ti,s,zz}.py`, `configs/tftas_*_search.py`, `benchmarks/results/`, `tests/gone/`,
 `python -m compact_vit.wrapped
---checkpoint FILE` (a span that wraps), and in prose, unchecked: facebookresearch/NASViT configs/cfg.yaml.
+--checkpoint FILE` (a span that wraps), and in prose, unchecked: OWNER/REPO configs/cfg.yaml.
 """
   assert broken_references(page, os.path.join(ROOT, "docs")) == sorted([
       "link nowhere.md: docs/nowhere.md does not exist",
       "link #no-such-heading: no heading with the anchor #no-such-heading",
       "link ../README.md#nope: no heading with the anchor #nope",
       "link ../benchmarks/results/nothing.png: benchmarks/results/nothing.png does not exist",
+      "link ../gone.md: gone.md does not exist",
       "script no_such_script.py does not exist",
       "path configs/no_such_config.py does not exist",
       "module compact_vit.nothing (python -m) does not exist",
@@ -153,7 +156,8 @@ def test_slugs_follow_github():
 
 
 def test_every_docs_page_is_linked_from_the_readme():
-  linked = {os.path.normpath(t.partition("#")[0]) for t in LINK.findall(_strip_code(_read("README.md")))}
+  readme_links = LINK.findall(_strip_code(_read("README.md")))
+  linked = {os.path.normpath(target.partition("#")[0]) for target in readme_links}
   orphans = [page for page in PAGES[1:] if page not in linked]
   assert not orphans, f"docs pages that README.md does not link: {orphans}"
 
