@@ -13,9 +13,15 @@ weighted sum (`dot_product_attention`); depthwise convolutions run as shifted mu
 (`conv_general_dilated`, passed to `nn.Conv`) and 3x3 pooling as shifted max / sum (`pool2d`),
 since XLA's grouped convolution and reduce_window are many times slower there. Same parameters,
 same results up to float32 rounding.
+
+Export (`export_forms()`): within that context the same blocks trace to the forms an ONNX runtime
+fuses instead: `jax.nn.gelu`, MatMul + softmax attention, reduce_window pooling and grouped
+convolutions (ONNX Gelu, MatMul, Softmax, AveragePool/MaxPool, Conv). Same parameters, same logits.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, NamedTuple
 
@@ -35,11 +41,35 @@ conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 LN_EPS = 1e-6
 
 
+_EXPORT_FORMS = contextvars.ContextVar("compact_vit_export_forms", default=False)
+
+
+@contextlib.contextmanager
+def export_forms():
+  """Within this context, models trace to the forms an ONNX runtime fuses (ONNX Gelu, MatMul
+  attention with Softmax, AveragePool/MaxPool, grouped Conv) instead of the XLA:CPU forms; the
+  parameters and the logits are the same. It acts when a function is traced: a function jitted
+  outside the context keeps the forms it was traced with."""
+  token = _EXPORT_FORMS.set(True)
+  try:
+    yield
+  finally:
+    _EXPORT_FORMS.reset(token)
+
+
+def exporting() -> bool:
+  """Whether `export_forms()` is active (the building blocks trace their export forms)."""
+  return _EXPORT_FORMS.get()
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU as torch's nn.GELU computes it: x/2 (1 + erf(x / sqrt 2)). jax.nn.gelu's exact
   form uses erfc instead, which XLA lowers to several times the work (exp and a division): the
   largest elementwise cost of the convolutional families on CPU. Same values up to float32
-  rounding (absolute error < 1e-7 for x < -5, where GELU is ~0)."""
+  rounding (absolute error < 1e-7 for x < -5, where GELU is ~0). Under `export_forms()`,
+  `jax.nn.gelu(approximate=False)` (one ONNX Gelu)."""
+  if exporting():
+    return jax.nn.gelu(x, approximate=False)
   return x * (0.5 * (1.0 + jax.lax.erf(x * np.asarray(0.5 ** 0.5, x.dtype))))
 
 
@@ -177,9 +207,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   a pass over the largest tensor: on CPU this is what makes XLA match PyTorch's fused attention.
   Dropout, when given, applies to the unnormalised weights (the same as dropping normalised ones).
   Invalid keys get `finfo(float32).min` logits via `jnp.where`; the caller keeps one valid key per
-  row.
+  row. Under `export_forms()`: matmul, softmax, matmul (ONNX MatMul and Softmax).
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if exporting():
+    return matmul_attention(q * jnp.asarray(scale, q.dtype), k, v, bias=bias, valid=valid,
+                            dropout=dropout)
   logits = jnp.einsum("...qd,...kd->...qk", q * jnp.asarray(scale, q.dtype), k)
   logits = logits.astype(jnp.float32)
   if bias is not None:
@@ -193,6 +226,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     weights = dropout(weights)
   out = jnp.einsum("...qk,...kd->...qd", weights, v)
   return (out.astype(jnp.float32) / denominator).astype(v.dtype)
+
+
+def matmul_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     bias: jax.Array | None = None, valid: jax.Array | None = None,
+                     dropout: nn.Dropout | None = None) -> jax.Array:
+  """softmax(q k^T + bias, masked by `valid`) v for already scaled q, as two matmuls and a softmax
+  (the form ONNX runtimes fuse): q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv) -> (..., Nq, Dv).
+  Logits and softmax are float32; `bias`, `valid` and `dropout` as in `dot_product_attention`."""
+  logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if valid is not None:
+    logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if dropout is not None:
+    weights = dropout(weights)
+  return jnp.matmul(weights, v)
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
@@ -378,7 +428,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                and dims.out_spec == (0, 3, 1, 2) and feature_group_count == channels > 1
                and rhs.shape[2:] == (1, channels)
                and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
-  if not depthwise:
+  if not depthwise or exporting():
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         **kwargs)
@@ -403,7 +453,10 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 def pool2d(x: jax.Array, window: int, strides: int, padding: int, kind: str) -> jax.Array:
   """k x k `kind` ('max' or 'avg') pooling of NHWC `x` with symmetric zero / -inf `padding`, as
   torch's MaxPool2d and AvgPool2d(count_include_pad=False), computed as k*k shifted elementwise
-  ops (faster than XLA's reduce_window on CPU). (B, H, W, C) -> (B, H', W', C)."""
+  ops (faster than XLA's reduce_window on CPU). (B, H, W, C) -> (B, H', W', C). Under
+  `export_forms()`, Flax's max_pool / avg_pool (ONNX MaxPool / AveragePool)."""
+  if exporting():
+    return _export_pool2d(x, window, strides, padding, kind)
   args = ((window, window), (strides, strides), ((padding, padding), (padding, padding)))
   if kind == "max":
     out = None
@@ -416,6 +469,28 @@ def pool2d(x: jax.Array, window: int, strides: int, padding: int, kind: str) -> 
                    j:j + strides * (total.shape[2] - 1) + 1:strides]
               for i in range(window) for j in range(window))
   return total / jnp.asarray(count[None, :, :, None], x.dtype)
+
+
+def _export_pool2d(x: jax.Array, window: int, strides: int, padding: int, kind: str) -> jax.Array:
+  """`pool2d` as Flax's pooling, which jax2onnx lowers to MaxPool / AveragePool: a stride-1
+  'same' average as avg_pool(padding='SAME', count_include_pad=False); otherwise an explicit pad
+  (-inf for max) and a 'VALID' pool. Average pooling with stride > 1 and padding is the slices."""
+  shape = (window, window)
+  if kind == "max":
+    if padding:
+      x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                  constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=shape, strides=(strides, strides), padding="VALID")
+  if strides == 1 and 2 * padding == window - 1:
+    return nn.avg_pool(x, window_shape=shape, strides=(1, 1), padding="SAME",
+                       count_include_pad=False)
+  if not padding:
+    return nn.avg_pool(x, window_shape=shape, strides=(strides, strides), padding="VALID")
+  token = _EXPORT_FORMS.set(False)
+  try:
+    return pool2d(x, window, strides, padding, kind)
+  finally:
+    _EXPORT_FORMS.reset(token)
 
 
 def batch_norm(name: str, train: bool, dtype: Dtype, param_dtype: Dtype) -> nn.BatchNorm:

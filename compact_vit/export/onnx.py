@@ -1,0 +1,238 @@
+"""ONNX export with jax2onnx, checked against `model.apply`, timed and quantized with onnxruntime.
+
+The model traces under `compact_vit.nn.layers.export_forms()`, so the graph holds what onnxruntime
+fuses (LayerNormalization, MatMul attention with Softmax, Gelu, AveragePool/MaxPool, grouped Conv)
+rather than the XLA:CPU forms the models use for training. Every export is checked on real photos
+(scikit-learn's bundled sample images, crops resized to the model's input and normalised) before
+it is returned or written.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from compact_vit.errors import UserError
+from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from compact_vit.nn.layers import export_forms, to_pair
+
+PARITY_RTOL = 1e-4  # max |onnx - apply| / max |apply| of the logits
+DYNAMIC = "dynamic"
+
+
+class ExportError(UserError):
+  """A model that cannot be exported (what cannot, and why), or an export that fails its check."""
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+  """max |ours - ref| / max |ref|."""
+  return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
+
+
+def photo_batch(batch: int, img_size: int | tuple[int, int]) -> np.ndarray:
+  """(batch, H, W, 3) float32 NHWC real photos, normalised with ImageNet's mean and std: crops of
+  scikit-learn's two sample photos (each crop a different window), resized bilinearly."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_sample_images  # pylint: disable=import-outside-toplevel
+  photos = load_sample_images().images
+  height, width = to_pair(img_size)
+  out = np.empty((batch, height, width, 3), np.float32)
+  for i in range(batch):
+    photo = photos[i % len(photos)]
+    side = min(photo.shape[:2]) - 16 * (i // len(photos) % 8)
+    top = (i * 37) % (photo.shape[0] - side + 1)
+    left = (i * 53) % (photo.shape[1] - side + 1)
+    crop = Image.fromarray(photo[top:top + side, left:left + side])
+    out[i] = np.asarray(crop.resize((width, height), Image.BILINEAR), np.float32) / 255.0
+  return (out - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+
+
+@dataclasses.dataclass
+class Export:
+  """An ONNX model and what was checked: `max_rel_err` of its logits against `model.apply` on
+  `check_batch` photos."""
+  proto: Any  # onnx.ModelProto
+  input_shape: tuple[int | str, ...]
+  max_rel_err: float
+  check_batch: int
+
+  def save(self, path: str) -> str:
+    """Writes the model to `path` (parent folders created); returns the path."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "wb") as f:
+      f.write(self.proto.SerializeToString())
+    return path
+
+
+def session(proto_or_bytes: Any, threads: int = 2):
+  """An onnxruntime CPU InferenceSession with `threads` intra-op threads and full optimisation."""
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = threads
+  options.inter_op_num_threads = 1
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  options.log_severity_level = 3
+  data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
+  return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def run(sess, images: np.ndarray) -> np.ndarray:
+  """Logits of an onnxruntime session on NHWC `images`."""
+  return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)})[0]
+
+
+def to_onnx(model: nn.Module, variables: Any, *, batch: int | str = 1,
+            img_size: int | tuple[int, int] | None = None, rtol: float = PARITY_RTOL,
+            check_batch: int | None = None, path: str | None = None,
+            model_name: str | None = None) -> Export:
+  """Exports `model.apply(variables, x, train=False)` to ONNX and checks it before returning.
+
+  `batch`: a static batch size, or 'dynamic' (a symbolic batch axis; models whose shapes depend on
+  the batch cannot). Input x is float32 NHWC (B, H, W, 3), normalised as for `model.apply`; the
+  output is the logits. The exported logits must be within `rtol` (max |onnx - apply| /
+  max |apply|) of `model.apply` on `check_batch` real photos (default: `batch`, or 2 if dynamic),
+  else ExportError; with `path` the checked model is then written there.
+  """
+  if not (batch == DYNAMIC or (isinstance(batch, int) and batch >= 1)):
+    raise UserError(f"batch={batch!r}: give a positive batch size or '{DYNAMIC}'.")
+  height, width = to_pair(img_size if img_size is not None else model.img_size)
+  input_shape = ("B" if batch == DYNAMIC else batch, height, width, 3)
+  check_batch = check_batch or (2 if batch == DYNAMIC else batch)
+  if batch != DYNAMIC and check_batch != batch:
+    raise UserError(f"check_batch={check_batch} must equal the static batch={batch}.")
+  name = model_name or type(model).__name__
+  variables = jax.tree.map(jnp.asarray, variables)
+  images = photo_batch(check_batch, (height, width))
+  expected = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
+  proto = _convert(lambda x: model.apply(variables, x, train=False), input_shape, name)
+  try:
+    got = run(session(proto), images)
+  except Exception as e:  # onnxruntime's own errors: the graph does not run
+    raise ExportError(f"{name}: onnxruntime cannot run the exported graph: {_one_line(e)}") from e
+  err = rel_err(got, expected)
+  if not err <= rtol:
+    raise ExportError(f"{name}: exported logits differ from model.apply by {err:.2e} (relative), "
+                      f"more than rtol={rtol:g}; nothing written.")
+  result = Export(proto, input_shape, err, check_batch)
+  if path:
+    result.save(path)
+  return result
+
+
+def _convert(fn, input_shape: tuple[int | str, ...], name: str):
+  """jax2onnx of `fn` under the export forms; failures as ExportError naming what failed."""
+  from jax2onnx import to_onnx as j2o  # pylint: disable=import-outside-toplevel
+  chatter = io.StringIO()  # jax2onnx 0.12 prints debugging lines from its Flax Conv lowering
+  try:
+    with export_forms(), contextlib.redirect_stdout(chatter):
+      return j2o(fn, [input_shape], model_name=re.sub(r"\W", "_", name), opset=21)
+  except Exception as e:  # pylint: disable=broad-except  # jax2onnx raises many types
+    raise ExportError(f"{name} cannot be exported to ONNX: {_why(e)}") from e
+
+
+def _why(e: BaseException) -> str:
+  """What jax2onnx could not convert, in one line."""
+  text = _one_line(e)
+  primitive = re.search(r"(?:No plugin|not supported|unsupported)[^:]*?'([\w.]+)'", text, re.I)
+  if primitive:
+    return (f"jax2onnx has no ONNX lowering for the JAX primitive '{primitive.group(1)}' "
+            f"({text[:300]})")
+  if "symbolic" in text.lower() or "InconclusiveDimension" in text or "shape" in text.lower():
+    return (f"a shape the graph needs is not static ({text[:300]}); export with a fixed --batch "
+            "or a fixed img_size")
+  return text[:400]
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def latency_ms(sess, images: np.ndarray, *, rounds: int = 10, warmup: int = 2) -> float:
+  """Median wall time (ms) of one onnxruntime run on `images` over `rounds` timed runs."""
+  feed = {sess.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)}
+  for _ in range(warmup):
+    sess.run(None, feed)
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    sess.run(None, feed)
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+@dataclasses.dataclass
+class Int8Report:
+  """An int8 model beside its float one, on the same photos and threads: latencies (ms), logit
+  drift (max |int8 - float| / max |float|) and the share of photos whose top-1 class changed."""
+  proto: Any
+  mode: str
+  float_ms: float
+  int8_ms: float
+  logit_drift: float
+  top1_changed: float
+
+  @property
+  def faster(self) -> bool:
+    return self.int8_ms < self.float_ms
+
+
+def quantize(export: Export, mode: str = "dynamic", *, calibration_batches: int = 4,
+             threads: int = 2, rounds: int = 10) -> Int8Report:
+  """onnxruntime int8 quantization of `export`: 'dynamic' (int8 weights, activations quantized at
+  run time: MatMul/Gemm become MatMulInteger) or 'static' (QDQ, activations calibrated on
+  `calibration_batches` batches of photos). Timed and compared with the float model."""
+  from onnxruntime import quantization as q  # pylint: disable=import-outside-toplevel
+  if mode not in ("dynamic", "static"):
+    raise UserError(f"int8 mode {mode!r}: use 'dynamic' or 'static'.")
+  batch = export.check_batch if isinstance(export.input_shape[0], str) else export.input_shape[0]
+  size = tuple(export.input_shape[1:3])
+  with tempfile.TemporaryDirectory() as tmp:
+    src, pre, dst = (os.path.join(tmp, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
+    export.save(src)
+    q.quant_pre_process(src, pre, skip_symbolic_shape=True)
+    if mode == "dynamic":
+      q.quantize_dynamic(pre, dst, weight_type=q.QuantType.QInt8)
+    else:
+      q.quantize_static(pre, dst, _PhotoReader(export, calibration_batches, batch, size),
+                        quant_format=q.QuantFormat.QDQ, per_channel=True,
+                        activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+    import onnx  # pylint: disable=import-outside-toplevel
+    proto = onnx.load(dst)
+  images = photo_batch(batch, size)
+  float_sess, int8_sess = session(export.proto, threads), session(proto, threads)
+  reference, quantized = run(float_sess, images), run(int8_sess, images)
+  float_ms, int8_ms = _alternate(float_sess, int8_sess, images, rounds)
+  return Int8Report(proto, mode, float_ms, int8_ms, rel_err(quantized, reference),
+                    float(np.mean(quantized.argmax(-1) != reference.argmax(-1))))
+
+
+def _alternate(first, second, images: np.ndarray, rounds: int) -> tuple[float, float]:
+  """Median latencies (ms) of two sessions timed in alternating rounds."""
+  a, b = [], []
+  for _ in range(rounds):
+    a.append(latency_ms(first, images, rounds=1, warmup=1))
+    b.append(latency_ms(second, images, rounds=1, warmup=1))
+  return float(np.median(a)), float(np.median(b))
+
+
+class _PhotoReader:
+  """onnxruntime's CalibrationDataReader protocol over batches of photo crops."""
+
+  def __init__(self, export: Export, batches: int, batch: int, size: tuple[int, int]):
+    images = photo_batch(batches * batch, size)
+    name = session(export.proto).get_inputs()[0].name
+    self._feeds = iter([{name: images[i * batch:(i + 1) * batch]} for i in range(batches)])
+
+  def get_next(self):
+    return next(self._feeds, None)
