@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from compact_vit import checkpointing, profile, sharding, trainer
+from compact_vit import checkpointing, paths, profile, sharding, trainer
 from compact_vit.convert.published import published, published_top1
 from compact_vit.errors import UserError
 
@@ -21,9 +20,9 @@ def load_eval_variables(config: ml_collections.ConfigDict, workdir: str,
 
   Only the model's variables are read from a training checkpoint (params, batch_stats and the EMA
   copy), not the optimizer state."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = paths.join(workdir, "checkpoints")
   step = None
-  if os.path.isdir(ckpt_dir):
+  if paths.isdir(ckpt_dir):
     ckpt = checkpointing.TrainCheckpointer(ckpt_dir, keep=config.keep_checkpoints)
     step = ckpt.latest_step()
   abstract = jax.eval_shape(
@@ -50,6 +49,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         split: str | None = None, measure_speed: bool = True) -> dict[str, Any]:
   """Evaluates and writes WORKDIR/eval_<split>.json; returns the record."""
   trainer.validate_config(config, training=False)
+  paths.check_workdir(workdir, jax.process_index())  # it gets eval_<split>.json
   from compact_vit.data import pipeline
 
   split = split or config.dataset.eval_split
@@ -76,6 +76,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   record = {
       "model": config.model.name, "split": split, "step": int(step),
       "top1": res["top1"], "top5": res["top5"], "num_examples": int(res["count"]),
+      "unreadable": info.num_eval - int(res["count"]),  # named on stdout; accuracy over the rest
       "params": profile.count_params(variables["params"]),
       "gmacs": profile.count_macs(model, variables, shape) / 1e9,
       "images_per_sec": (profile.images_per_sec(model, variables, batch=config.eval_batch_size,
@@ -89,10 +90,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     res_ema = trainer.evaluate(eval_fn, jax.device_put(ema, sharding.replicated(mesh)), batches(),
                                mesh)
     record.update({"ema_top1": res_ema["top1"], "ema_top5": res_ema["top5"]})
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-      json.dump(record, f, indent=2)
+    paths.write_text(paths.join(workdir, f"eval_{split}.json"), json.dumps(record, indent=2))
   return record
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
@@ -29,6 +30,9 @@ import shlex
 import subprocess
 import sys
 from typing import Sequence
+
+from compact_vit import paths
+from compact_vit.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_KEY = "seed"
@@ -63,12 +67,12 @@ def point_name(point: Point) -> str:
 
 def train_command(config: str, workdir: str, point: Point, extra: Sequence[str]) -> list[str]:
   return [sys.executable, os.path.join(REPO, "train.py"), "--config", config, "--workdir",
-          os.path.join(workdir, point_name(point)),
+          paths.join(workdir, point_name(point)),
           *[f"--config.{k}={v}" for k, v in point], *extra]
 
 
 def is_finished(workdir: str, point: Point) -> bool:
-  return os.path.exists(os.path.join(workdir, point_name(point), "final.json"))
+  return paths.exists(paths.join(workdir, point_name(point), "final.json"))
 
 
 def run_points(config: str, workdir: str, points: Sequence[Point], extra: Sequence[str],
@@ -89,9 +93,8 @@ def write_commands(config: str, workdir: str, points: Sequence[Point],
   """DIR/commands.sh: one launch command per unfinished point. Returns its path."""
   lines = [shlex.join(["python", "train.py", *train_command(config, workdir, p, extra)[2:]])
            for p in points if not is_finished(workdir, p)]
-  path = os.path.join(workdir, "commands.sh")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + ("\n" if lines else ""))
+  path = paths.join(workdir, "commands.sh")
+  paths.write_text(path, "\n".join(lines) + ("\n" if lines else ""))
   print("\n".join(lines))
   return path
 
@@ -114,23 +117,23 @@ def collect(workdir: str, points: Sequence[Point], metric: str = "val/top1") -> 
   """Writes results.csv, results.md and results.png from the finished points; returns the rows."""
   rows = []
   for point in points:
-    path = os.path.join(workdir, point_name(point), "final.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        rows.append({**dict(point), **json.load(f)})
+    path = paths.join(workdir, point_name(point), "final.json")
+    if paths.exists(path):
+      rows.append({**dict(point), **json.loads(paths.read_text(path))})
   if not rows:
     print("No finished points to collect yet.")
     return rows
   keys = [k for k, _ in points[0]]
   metrics = sorted({m for r in rows for m in r} - set(keys) - {"step", "stopped"})
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=[*keys, "step", *metrics])
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=[*keys, "step", *metrics])
+  writer.writeheader()
+  writer.writerows(rows)
+  paths.write_text(paths.join(workdir, "results.csv"), table.getvalue())
   groups = _group(rows, [k for k in keys if k != SEED_KEY])
-  _write_markdown(os.path.join(workdir, "results.md"), groups, keys, metrics)
+  _write_markdown(paths.join(workdir, "results.md"), groups, keys, metrics)
   if metric in metrics:
-    _plot(os.path.join(workdir, "results.png"), groups, [k for k in keys if k != SEED_KEY], metric)
+    _plot(paths.join(workdir, "results.png"), groups, [k for k in keys if k != SEED_KEY], metric)
   else:
     print(f"No {metric!r} in the results (have {metrics}); no plot.")
   print(f"Collected {len(rows)}/{len(points)} points into {workdir}/results.csv, results.md"
@@ -161,8 +164,7 @@ def _write_markdown(path: str, groups: dict[tuple, list[dict]], keys: Sequence[s
       mean, std = _mean_std(values)
       cells.append(f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}")
     lines.append("| " + " | ".join(cells) + " |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_text(path, "\n".join(lines) + "\n")
 
 
 def _plot(path: str, groups: dict[tuple, list[dict]], setting_keys: Sequence[str],
@@ -204,8 +206,10 @@ def _plot(path: str, groups: dict[tuple, list[dict]], setting_keys: Sequence[str
     ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  image = io.BytesIO()
+  fig.savefig(image, dpi=120, format="png")
   plt.close(fig)
+  paths.write_bytes(path, image.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if bad:
     parser.error(f"unrecognised arguments {bad}; only --config.FIELD=VALUE passes through.")
   points = expand(parse_sweeps(args.sweep))
-  os.makedirs(args.workdir, exist_ok=True)
+  try:
+    paths.check_workdir(args.workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.print_commands:
     write_commands(args.config, args.workdir, points, extra)
     return 0

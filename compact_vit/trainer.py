@@ -523,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # State: latest checkpoint, else fresh init (+ converted weights).
   state, start_step = restore_or_init(ckpt, init_fn, rng, abstract_state, state_sh, tx,
                                       init_from=init_variables_from, use_ema=use_ema, log=log)
-  writer = MetricWriter(workdir, enabled=pid == 0, start_step=start_step)
+  writer = MetricWriter(workdir, enabled=pid == 0, start_step=start_step, on_error=ckpt.check)
   if start_step == 0 and init_variables_from is not None:
     log(f"Initialised parameters from {config.init_from}.")
 

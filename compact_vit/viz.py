@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import os
 import sys
 
 import numpy as np
 
+from compact_vit import paths
 from compact_vit.errors import UserError
 
 PANEL = 224  # pixels per panel side
@@ -89,19 +91,21 @@ def tokens(config_spec: str, workdir: str, image_path: str, out: str,
   config = load_config(config_spec)
   if init_from:
     config.init_from = init_from
-  if not os.path.isfile(image_path):
+  if not paths.isfile(paths.check_path(image_path, "Image file")):
     raise UserError(f"Image file {image_path} does not exist.")
   info = pipeline.get_info(config.dataset)
   model = trainer.create_model(config, info.num_classes)
   variables, _, _ = evaluator.load_eval_variables(config, workdir, model)
-  image = Image.open(image_path).convert("RGB")
+  image = Image.open(io.BytesIO(paths.read_bytes(image_path))).convert("RGB")
   size = to_pair(config.img_size)
   x = np.asarray(image.resize(size[::-1], Image.BICUBIC), np.float32) / 255.0
   x = (x - np.asarray(config.dataset.mean)) / np.asarray(config.dataset.std)
   _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
       variables, x[None].astype(np.float32))
   masks = kept_masks(state["intermediates"], model.grid_size)
-  draw(image, masks).save(out)
+  picture = io.BytesIO()
+  draw(image, masks).save(picture, format="PNG")
+  paths.write_bytes(out, picture.getvalue())
   return [int(m.sum()) for m in masks]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from compact_vit import paths
 from compact_vit.errors import UserError
@@ -20,12 +20,15 @@ class MetricWriter:
   `flush()` (the trainer's checkpoint saves) and `close()`: a run killed between flushes loses only
   lines of steps after its last checkpoint, which the rerun writes again.
 
-  Only the writing process (process 0) passes enabled=True.
+  Only the writing process (process 0) passes enabled=True. A failed write raises a one-line
+  UserError, after `on_error()` (the trainer's checkpoint check, so that a full disk is reported
+  by the checkpoint save that filled it).
   """
 
   def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0,
-               flush_secs: float = 30.0):
+               flush_secs: float = 30.0, on_error: Callable[[], None] = lambda: None):
     self.enabled = enabled
+    self._on_error = on_error
     self.path = paths.join(workdir, "metrics.jsonl")
     self._remote = paths.is_remote(workdir)
     self._flush_secs = flush_secs
@@ -62,6 +65,7 @@ class MetricWriter:
     try:
       return fn()
     except OSError as e:
+      self._on_error()
       raise UserError(f"Writing {self.path} failed: {paths.describe_error(e)}. Free space or fix "
                       "the permissions, then rerun the same command to resume.") from e
 
@@ -142,12 +146,13 @@ class Progress:
     self._last_time, self._last_step, self._waited = now, step, 0.0
     return self.rate
 
-  def show(self, step: int, loss: float, lr: float) -> None:
+  def show(self, step: int, loss: float, lr: float, skipped: int = 0) -> None:
+    """`skipped`: unreadable examples skipped so far, shown when any."""
     eta = ((self.total_steps - step) * self.batch_size / self.rate) if self.rate else 0.0
     bound = "  INPUT-BOUND" if self.input_fraction > 0.5 else ""
     line = (f"[step {step}/{self.total_steps}] loss {loss:.4f}  lr {lr:.3g}  "
             f"{self.rate:.1f} img/s  input wait {100 * self.input_fraction:.0f}%{bound}  "
-            f"ETA {_format_seconds(eta)}")
+            f"ETA {_format_seconds(eta)}" + (f"  skipped {skipped}" if skipped else ""))
     print(line, file=sys.stdout, flush=True)
     if bound and self._hint:
       print(self._hint, file=sys.stdout, flush=True)

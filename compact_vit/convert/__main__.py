@@ -12,6 +12,7 @@ from compact_vit.convert import load_pytorch_state_dict, read_state_dict
 from compact_vit.convert.hub import checkpoint_file
 from compact_vit.convert.published import default_spec
 from compact_vit.errors import UserError
+from compact_vit.paths import check_workdir
 from compact_vit.profile import count_params
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--checkpoint", help=".pth/.pt/.bin, .safetensors or .npz file, or "
                       "hf-hub:OWNER/NAME[/FILE][@REVISION] (default: the model's published "
                       "weights)")
-  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--out", required=True, help="output directory (local or gs://BUCKET/DIR)")
   parser.add_argument("--num-classes", type=int, help="override the model's num_classes")
   parser.add_argument("--img-size", type=int, help="override img_size (resamples pos_embed)")
   parser.add_argument("--drop-head", action="store_true",
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
   overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size))
                if v is not None}
   try:
+    check_workdir(args.out)  # a bad path or bucket fails before the download
     checkpoint = args.checkpoint or default_spec(args.model)
     state_dict = read_state_dict(checkpoint_file(checkpoint))
     variables = load_pytorch_state_dict(args.model, state_dict, drop_head=args.drop_head,

@@ -19,9 +19,11 @@ nothing. With `HF_HUB_OFFLINE=1` (or no network) a cached download is used as it
 none, a one-line UserError says what to download and where to put it, before any model is built.
 
 When `num_classes` differs from the checkpoint's classifier, the head starts freshly initialised
-(as timm's `create_model(..., pretrained=True, num_classes=N)`). Converted copies are written by
-single-process runs (a GPU host, a single-host TPU VM); a multi-host run takes a directory
-converted beforehand with `python -m compact_vit.convert --checkpoint hf-hub:...`.
+(as timm's `create_model(..., pretrained=True, num_classes=N)`). `COMPACT_VIT_CACHE` may be a
+bucket (`gs://BUCKET/cache`): then in a multi-process run process 0 downloads and converts once
+while the others wait for its copy and read it. With a local cache, converted copies are written by
+single-process runs (a GPU host, a single-host TPU VM); a multi-host run takes a bucket cache or a
+directory converted beforehand with `python -m compact_vit.convert --checkpoint hf-hub:...`.
 """
 from __future__ import annotations
 
@@ -29,11 +31,12 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from compact_vit import models
+from compact_vit import models, paths
 from compact_vit.checkpointing import check_tree_matches, load_variables, save_variables
 from compact_vit.convert.core import load_pytorch_state_dict, read_state_dict
 from compact_vit.convert.published import default_spec, hub_repo
@@ -46,7 +49,7 @@ def cache_root() -> str:
   """Where converted copies are kept: $COMPACT_VIT_CACHE, else $XDG_CACHE_HOME/compact_vit, else
   ~/.cache/compact_vit."""
   if os.environ.get("COMPACT_VIT_CACHE"):
-    return os.path.abspath(os.path.expanduser(os.environ["COMPACT_VIT_CACHE"]))
+    return paths.absolute(paths.check_path(os.environ["COMPACT_VIT_CACHE"], "COMPACT_VIT_CACHE"))
   xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(xdg, "compact_vit")
 
@@ -118,11 +121,20 @@ def resolve_init_from(spec: str, *, model_name: str, img_size: int | None = None
   if not isinstance(spec, str) or not spec:
     raise UserError(f"Checkpoint {spec!r}: give a converted directory, a checkpoint file or "
                     "hf-hub:OWNER/NAME.")
+  if paths.is_remote(spec):  # a converted directory in a bucket
+    if paths.isfile(paths.check_input(spec, "Checkpoint")):
+      raise UserError(f"Checkpoint {spec} is a file in a bucket: copy it to local disk (gcloud "
+                      "storage cp) or convert it once with `python -m compact_vit.convert "
+                      "--checkpoint FILE --out gs://BUCKET/DIR` and pass that directory.")
+    return spec
   if os.path.isdir(spec):
     return spec
   overrides = dict(overrides, img_size=img_size, num_classes=num_classes)
   overrides = _non_default(model_name, {k: v for k, v in overrides.items() if v is not None})
-  _check_single_process(spec)
+  root = cache_root()
+  _check_single_process(spec, root)
+  if _waits_for_process_0(root):
+    return _wait_for_converted(spec, model_name, overrides, root)
   if hub_repo(spec):
     path, source = download(spec)
     folder = source["repo"].replace("/", "--")
@@ -136,11 +148,12 @@ def resolve_init_from(spec: str, *, model_name: str, img_size: int | None = None
                     "name such as hf-hub:timm/deit_small_patch16_224.fb_in1k.")
   key = json.dumps({"source": source, "model": model_name, "overrides": overrides},
                    sort_keys=True, default=str)
-  target = os.path.join(cache_root(), "converted", folder,
-                        f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+  target = paths.join(root, "converted", folder,
+                      f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
   if not _is_converted(target):
     variables = _convert(model_name, read_state_dict(path), overrides)
     _save_once(target, lambda d: save_variables(d, variables, model_name, overrides), key)
+  _announce(root, spec, model_name, overrides, target)
   return target
 
 
@@ -183,27 +196,70 @@ def _non_default(model_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in sorted(overrides.items()) if getattr(default, k, object()) != v}
 
 
-def _check_single_process(spec: str) -> None:
-  """Converted copies are written by one process; several processes (a multi-host run) would
-  each need the same copy at once, so they take a converted directory instead."""
+def _check_single_process(spec: str, root: str) -> None:
+  """Converted copies are written by one process. With a bucket cache, process 0 writes and the
+  others wait for it; a local cache (one per host) takes single-process runs only."""
   import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and not paths.is_remote(root):
     raise UserError(
-        f"{spec} is converted in single-process runs only; this run has {jax.process_count()} "
-        "processes. Convert it once with `python -m compact_vit.convert --model NAME "
-        f"--checkpoint {spec} --out DIR` into a folder every host reads (e.g. the bucket mount) "
-        "and pass DIR instead.")
+        f"{spec} is converted in single-process runs only with a local cache ({root}); this run "
+        f"has {jax.process_count()} processes. Set COMPACT_VIT_CACHE=gs://BUCKET/cache (process 0 "
+        "converts, the others read its copy), or convert once with `python -m "
+        f"compact_vit.convert --model NAME --checkpoint {spec} --out gs://BUCKET/DIR` and pass that "
+        "directory instead.")
+
+
+def _waits_for_process_0(root: str) -> bool:
+  import jax  # pylint: disable=import-outside-toplevel
+  return paths.is_remote(root) and jax.process_count() > 1 and jax.process_index() != 0
+
+
+def _request_key(spec: str, model_name: str, overrides: dict[str, Any]) -> str:
+  request = json.dumps({"spec": spec, "model": model_name, "overrides": overrides},
+                       sort_keys=True, default=str)
+  return hashlib.sha256(request.encode()).hexdigest()[:16]
+
+
+def _announce(root: str, spec: str, model_name: str, overrides: dict[str, Any],
+              target: str) -> None:
+  """Process 0 of a multi-process run with a bucket cache names its converted copy for the others
+  (`requests/<key>`: the request is what they know; the copy's key needs the download)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if paths.is_remote(root) and jax.process_count() > 1:
+    paths.write_text(paths.join(root, "requests", _request_key(spec, model_name, overrides)),
+                     target)
+
+
+def _wait_for_converted(spec: str, model_name: str, overrides: dict[str, Any], root: str,
+                        timeout_s: float = 3600.0, poll_s: float = 2.0) -> str:
+  """The directory process 0 converted `spec` into, once it is complete."""
+  request = paths.join(root, "requests", _request_key(spec, model_name, overrides))
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if paths.exists(request):
+      target = paths.read_text(request).strip()
+      if _is_converted(target):
+        return target
+    time.sleep(poll_s)
+  raise UserError(f"Waited {timeout_s:.0f} s for process 0 to convert {spec} into {root}; it did "
+                  "not finish. Look at process 0's log, or convert beforehand with `python -m "
+                  "compact_vit.convert ... --out DIR` and pass DIR.")
 
 
 def _is_converted(directory: str) -> bool:
-  variables = os.path.join(directory, "variables")
-  return (os.path.isfile(os.path.join(directory, "model.json")) and os.path.isdir(variables)
-          and bool(os.listdir(variables)))
+  """model.json is written last (save_variables), so its presence marks a complete copy."""
+  return (paths.isfile(paths.join(directory, "model.json"))
+          and bool(paths.listdir(paths.join(directory, "variables"))))
 
 
 def _save_once(target: str, save: Callable[[str], Any], key: str) -> None:
   """Writes with `save` into a fresh folder beside `target`, then renames it to `target`; a
-  concurrent writer that got there first wins."""
+  concurrent writer that got there first wins. In a bucket (no renames) it writes `target` itself,
+  model.json last, so a reader never takes a partial copy for a whole one."""
+  if paths.is_remote(target):
+    save(target)
+    paths.write_text(paths.join(target, "source.json"), key + "\n")
+    return
   os.makedirs(os.path.dirname(target), exist_ok=True)
   tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:

@@ -14,7 +14,6 @@ resumes exactly.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from compact_vit import checkpointing, trainer
+from compact_vit import checkpointing, paths, trainer
 from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import autoformer
@@ -46,7 +45,7 @@ def limits_of(config: ml_collections.ConfigDict) -> space_lib.Limits:
 def load_supernet_params(config: ml_collections.ConfigDict, model, directory: str) -> Any:
   """Parameters (the EMA copy when the run kept one) of the latest train.py checkpoint in
   `directory` (its checkpoints/ folder); the optimizer state is not read."""
-  ckpt = checkpointing.TrainCheckpointer(os.path.join(directory, "checkpoints"), keep=1000)
+  ckpt = checkpointing.TrainCheckpointer(paths.join(directory, "checkpoints"), keep=1000)
   if ckpt.latest_step() is None:
     raise UserError(f"No supernet checkpoint under {directory}/checkpoints; train it with "
                     "python train.py --config configs/autoformer_<size>_supernet.py --workdir "
@@ -65,7 +64,7 @@ def _supernet_params(config, model, workdir):
   s = config.search
   directory = s.supernet_workdir
   if not directory:
-    directory = os.path.join(workdir, "supernet")
+    directory = paths.join(workdir, "supernet")
     print(f"No supernet given: training one in {directory} first.", flush=True)
     trainer.train_and_evaluate(config, directory)
   return load_supernet_params(config, model, directory)
@@ -127,10 +126,9 @@ class Evolution:
                                    "max_params_m", "max_gmacs")}
 
   def load(self) -> None:
-    if not os.path.exists(self.state_path):
+    if not paths.exists(self.state_path):
       return
-    with open(self.state_path) as f:
-      state = json.load(f)
+    state = json.loads(paths.read_text(self.state_path))
     if state["settings"] != self.settings():
       raise UserError(f"{self.state_path} was written with other search settings "
                       f"({state['settings']}); use another --workdir or delete it.")
@@ -143,9 +141,7 @@ class Evolution:
   def save(self) -> None:
     state = {"settings": self.settings(), "generation": self.generation, "scored": self.scored,
              "population": self.population, "rng": self.rng.bit_generator.state}
-    with open(self.state_path + ".tmp", "w") as f:
-      json.dump(state, f)
-    os.replace(self.state_path + ".tmp", self.state_path)
+    paths.write_text(self.state_path, json.dumps(state))
 
   def _try_add(self, arch, out: list[str]) -> bool:
     """Scores `arch` if new and within the limits; appends its key to `out`."""
@@ -218,11 +214,11 @@ def autoformer_evolution(config: ml_collections.ConfigDict, workdir: str) -> reg
   costs, limits = space_lib.Costs(model), limits_of(config)
   space_lib.check_satisfiable(model.space, limits, costs)
   params = _supernet_params(config, model, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   start = time.perf_counter()
   score = make_scorer(model, params, _eval_batches(config, config.search.eval_examples))
   evolution = Evolution(config.search, model.space, costs, limits, score,
-                        os.path.join(workdir, "evolution_state.json"))
+                        paths.join(workdir, "evolution_state.json"))
   evolution.run()
   print(f"Search took {time.perf_counter() - start:.1f}s for {len(evolution.scored)} "
         "candidates.", flush=True)

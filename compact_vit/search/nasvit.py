@@ -16,13 +16,12 @@ batches (`nasvit.recalibrate_batch_stats`), then val top-1 / top-5 at the subnet
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compact_vit import profile, trainer
+from compact_vit import paths, profile, trainer
 from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import nasvit
@@ -52,7 +51,7 @@ def evaluate_subnets(config, subnets: dict) -> dict:
   from compact_vit.search import evolution  # pylint: disable=g-import-not-at-top
   s = config.search
   directory = s.supernet_workdir
-  if not directory or not os.path.isdir(os.path.join(directory, "checkpoints")):
+  if not directory or not paths.isdir(paths.join(directory, "checkpoints")):
     raise UserError("search.evaluate needs the trained supernet: --config.search.supernet_workdir"
                     "=DIR, the --workdir of `python train.py --config configs/nasvit_supernet.py"
                     "` (with the same :quick flag).")

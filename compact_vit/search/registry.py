@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable
 
+from compact_vit import paths
 from compact_vit.errors import UserError
 
 _METHODS: dict[str, Callable[..., "SearchResult"]] = {}
@@ -34,11 +34,9 @@ def get(name: str):
 
 def write_result(workdir: str, method: str, result: SearchResult) -> str:
   """Writes workdir/search.json (atomically) and returns its path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "search.json")
+  paths.makedirs(workdir)
+  path = paths.join(workdir, "search.json")
   payload = {"method": method, "best": result.best, "candidates": result.candidates,
              "train_command": result.train_command}
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2, default=float)
-  os.replace(path + ".tmp", path)
+  paths.write_text(path, json.dumps(payload, indent=2, default=float))
   return path

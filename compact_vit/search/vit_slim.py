@@ -17,7 +17,6 @@ pretrained DeiT with L1 penalties, keep a budget of each dimension, extract a sm
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -25,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from compact_vit import checkpointing, profile, sharding, trainer
+from compact_vit import checkpointing, paths, profile, sharding, trainer
 from compact_vit.search import registry
 from compact_vit.errors import UserError
 from compact_vit.models import create_model
@@ -42,13 +41,12 @@ def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _checkpoint_params(ckpt_dir: str, step: int) -> dict[str, Any]:
   """The `params` of the trainer's checkpoint at `step` (numpy), read without a target."""
-  tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "default"))
+  tree = ocp.StandardCheckpointer().restore(paths.join(ckpt_dir, str(step), "default"))
   return jax.tree.map(np.asarray, tree["params"])
 
 
 def _steps(ckpt_dir: str) -> list[int]:
-  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) \
-      else []
+  return sorted(int(d) for d in paths.listdir(ckpt_dir) if d.isdigit())
 
 
 def _starting_weights(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -68,11 +66,11 @@ def _starting_weights(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   c.objective = ml_collections.ConfigDict({"name": "classification"})
   c.checkpoint_every = c.eval_every = 10**9  # the trainer still saves and evaluates at the end
   del c["search"]
-  pre_dir = os.path.join(workdir, "pretrain")
+  pre_dir = paths.join(workdir, "pretrain")
   print(f"[vit_slim] no init_from: training {s.base_model} for {s.pretrain_epochs} epochs in "
         f"{pre_dir}", flush=True)
   trainer.train_and_evaluate(c, pre_dir)
-  ckpt_dir = os.path.join(pre_dir, "checkpoints")
+  ckpt_dir = paths.join(pre_dir, "checkpoints")
   return _checkpoint_params(ckpt_dir, _steps(ckpt_dir)[-1])
 
 
@@ -120,12 +118,12 @@ def vit_slim_search(config: ml_collections.ConfigDict, workdir: str) -> registry
   merged = vit_slim.merge_pretrained(init["params"], base)
   overrides = {k: v for k, v in c.model.items() if k != "name"}
   overrides.update(num_classes=num_classes, img_size=c.img_size)
-  c.init_from = checkpointing.save_variables(os.path.join(workdir, "masked_init"),
+  c.init_from = checkpointing.save_variables(paths.join(workdir, "masked_init"),
                                              {"params": merged}, c.model.name, overrides)
-  search_dir = os.path.join(workdir, "search")
+  search_dir = paths.join(workdir, "search")
   final = trainer.train_and_evaluate(c, search_dir)
 
-  ckpt_dir = os.path.join(search_dir, "checkpoints")
+  ckpt_dir = paths.join(search_dir, "checkpoints")
   steps = _steps(ckpt_dir)
   candidates = [_trajectory_entry(0, merged, s)]
   candidates += [_trajectory_entry(st, _checkpoint_params(ckpt_dir, st), s) for st in steps]
@@ -137,7 +135,7 @@ def vit_slim_search(config: ml_collections.ConfigDict, workdir: str) -> registry
   slim_overrides = {k: v for k, v in overrides.items() if k not in ("drop_path_rate", "searched")}
   slim_overrides.update(dims)
   slim = create_model(SLIM_NAME, **slim_overrides)
-  slim_dir = checkpointing.save_variables(os.path.join(workdir, "slim"), {"params": slim_params},
+  slim_dir = checkpointing.save_variables(paths.join(workdir, "slim"), {"params": slim_params},
                                           SLIM_NAME, slim_overrides)
   dense = create_model(s.base_model, **{k: v for k, v in overrides.items() if k != "searched"})
   dense_params = jax.eval_shape(lambda: trainer.init_variables(
@@ -158,5 +156,5 @@ def vit_slim_search(config: ml_collections.ConfigDict, workdir: str) -> registry
           "checkpoint": slim_dir}
   quick = ",quick" if config.dataset.name == "digits" else ""
   command = (f"python train.py --config configs/vit_slim_deit_s_retrain.py:slim_dir={slim_dir}"
-             f"{quick} --workdir {os.path.join(workdir, 'retrain')}")
+             f"{quick} --workdir {paths.join(workdir, 'retrain')}")
   return registry.SearchResult(best=best, candidates=candidates, train_command=command)
