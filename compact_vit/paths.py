@@ -25,29 +25,31 @@ from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from compact_vit.errors import UserError  # pylint: disable=wrong-import-position
 
-_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):(/*)(.*)$")
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_GS = re.compile(r"^gs:(/*)(.*)$", re.IGNORECASE)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 SCHEMES = ("gs",)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
   """True for `gs://...` (an object store), False for a local path."""
-  return _SCHEME.match(os.fspath(path)) is not None
+  return _URL.match(os.fspath(path)) is not None
 
 
 def check_path(path: str | os.PathLike, what: str = "path") -> str:
   """Returns `path` as a string; raises UserError for a malformed or unsupported URL
   (`gs:/b`, `gs://`, `gs://Bad_Name`, `s4://b`)."""
   path = os.fspath(path)
-  match = _SCHEME.match(path)
+  url = _URL.match(path)
+  if url is not None and url.group(1) not in SCHEMES:
+    raise UserError(f"{what} {path!r}: unsupported scheme {url.group(1)}:// (use a local path or "
+                    "gs://BUCKET/...).")
+  match = _GS.match(path)
   if match is None:
     return path
-  scheme, slashes, rest = match.groups()
+  slashes, rest = match.groups()
   bucket = rest.split("/", 1)[0]
-  if scheme not in SCHEMES:
-    raise UserError(f"{what} {path!r}: unsupported scheme {scheme}:// (use a local path or "
-                    "gs://BUCKET/...).")
-  if slashes != "//" or not _BUCKET.match(bucket) or "//" in rest:
+  if not path.startswith("gs:") or slashes != "//" or not _BUCKET.match(bucket) or "//" in rest:
     raise UserError(f"{what} {path!r} is not a valid gs:// path: write gs://BUCKET/FOLDER with a "
                     "bucket name of lowercase letters, digits, '-', '_' and '.' (3 to 222 "
                     "characters) and no empty folder names.")

@@ -202,8 +202,8 @@ def _check_single_process(spec: str, root: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1 and not paths.is_remote(root):
     raise UserError(
-        f"{spec} is converted in single-process runs only with a local cache ({root}); this run "
-        f"has {jax.process_count()} processes. Set COMPACT_VIT_CACHE=gs://BUCKET/cache (process 0 "
+        f"{spec} is converted in single-process runs only; this run has {jax.process_count()} "
+        f"processes and a local cache ({root}). Set COMPACT_VIT_CACHE=gs://BUCKET/cache (process 0 "
         "converts, the others read its copy), or convert once with `python -m "
         f"compact_vit.convert --model NAME --checkpoint {spec} --out gs://BUCKET/DIR` and pass that "
         "directory instead.")
