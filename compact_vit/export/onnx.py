@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
+import pathlib
 import re
 import tempfile
 import time
@@ -130,9 +132,29 @@ def to_onnx(model: nn.Module, variables: Any, *, batch: int | str = 1,
   return result
 
 
+def _load_plugins() -> None:
+  """Imports jax2onnx's lowerings of JAX and Flax only. Its first conversion otherwise imports
+  every plugin tree, including the Equinox examples, which build and compile models at import
+  (a minute of a small CPU's time); the skipped trees lower nothing this package traces."""
+  from jax2onnx.plugins import plugin_system  # pylint: disable=import-outside-toplevel
+  if getattr(plugin_system, "_already_imported_plugins", True):
+    return
+  root = os.path.dirname(plugin_system.__file__)
+  quiet = logging.getLogger("jax2onnx")
+  level, quiet.level = quiet.level, logging.ERROR  # jax2onnx 0.12's dm_pix plugins fail on jax 0.10
+  try:
+    for tree in ("jax", "flax"):
+      plugin_system._import_tree(  # pylint: disable=protected-access
+          pathlib.Path(root, tree), f"jax2onnx.plugins.{tree}")
+  finally:
+    quiet.setLevel(level)
+  plugin_system._already_imported_plugins = True  # pylint: disable=protected-access
+
+
 def _convert(fn, input_shape: tuple[int | str, ...], name: str):
   """jax2onnx of `fn` under the export forms; failures as ExportError naming what failed."""
   from jax2onnx import to_onnx as j2o  # pylint: disable=import-outside-toplevel
+  _load_plugins()
   chatter = io.StringIO()  # jax2onnx 0.12 prints debugging lines from its Flax Conv lowering
   try:
     with export_forms(), contextlib.redirect_stdout(chatter):
@@ -142,16 +164,16 @@ def _convert(fn, input_shape: tuple[int | str, ...], name: str):
 
 
 def _why(e: BaseException) -> str:
-  """What jax2onnx could not convert, in one line."""
+  """What jax2onnx could not convert, and where in the model, in one line."""
   text = _one_line(e)
+  where = re.search(r"while tracing the function (\S+) at (\S+)", text)
+  text = re.sub(r" If using `jit`.*", "", text)
   primitive = re.search(r"(?:No plugin|not supported|unsupported)[^:]*?'([\w.]+)'", text, re.I)
   if primitive:
-    return (f"jax2onnx has no ONNX lowering for the JAX primitive '{primitive.group(1)}' "
-            f"({text[:300]})")
-  if "symbolic" in text.lower() or "InconclusiveDimension" in text or "shape" in text.lower():
-    return (f"a shape the graph needs is not static ({text[:300]}); export with a fixed --batch "
-            "or a fixed img_size")
-  return text[:400]
+    text = f"jax2onnx has no ONNX lowering for the JAX primitive '{primitive.group(1)}' ({text})"
+  if where:
+    text = f"{text} (in {where.group(1)} at {where.group(2)})"
+  return text[:600]
 
 
 def _one_line(e: BaseException) -> str:

@@ -234,7 +234,7 @@ class MBConv(nn.Module):
     if self.first:
       if self.stride > 1:
         pad = x.shape[1] % 2
-        shortcut = nn.avg_pool(x, (self.stride,) * 2, (self.stride,) * 2,
+        shortcut = nn.avg_pool(x, window_shape=(self.stride,) * 2, strides=(self.stride,) * 2,
                                padding=((pad, pad), (pad, pad)), count_include_pad=True)
       if sub is not None:  # the supernet: a 1x1 projection when the active widths differ
         proj = _apply_mask(_conv(self.out_max, name="shortcut", dtype=self.dtype)(shortcut),

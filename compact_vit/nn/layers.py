@@ -307,7 +307,7 @@ class Attention(nn.Module):
     else:
       valid = None
       if mask is not None:
-        valid = mask.astype(bool)[:, None, None, :] | jnp.eye(tokens, dtype=bool)  # (B, 1, N, N)
+        valid = mask.astype(bool)[:, None, None, :] | np.eye(tokens, dtype=bool)  # (B, 1, N, N)
       dropout = nn.Dropout(self.attn_drop_rate, deterministic=not train)
       qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
       x = dot_product_attention(qkv[0], qkv[1], qkv[2], valid=valid, dropout=dropout)

@@ -23,8 +23,8 @@ POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
 
 def gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
   """x (B, N, ...) and index (B, k) int -> (B, k, ...): x[b, index[b, i]] (take_along_axis)."""
-  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, index, axis=1)
+  index = index[(...,) + (None,) * (x.ndim - 2)]  # not a reshape: jax2onnx 0.12 mistypes TopK's
+  return jnp.take_along_axis(x, index, axis=1)    # int64 indices through Reshape
 
 
 def top_k_indices(scores: jax.Array, k: int) -> jax.Array:
