@@ -1,0 +1,166 @@
+"""ONNX export (compact_vit.export): every family on a small config and full-size DeiT-S and
+EfficientFormer-L1 run in onnxruntime within 1e-4 (relative) of `model.apply`; the export forms of
+nn/layers.py give the same logits; int8, dynamic batch, the CLI and its errors."""
+import json
+from collections import Counter
+
+import jax
+import numpy as np
+import pytest
+
+from compact_vit import export
+from compact_vit.errors import UserError
+from compact_vit.export import __main__ as cli
+from compact_vit.models import create_model
+from compact_vit.nn import layers
+from compact_vit.profile import random_variables
+
+from conftest import random_images, rel_err
+
+RTOL = 1e-4  # max |onnxruntime - apply| / max |apply| (measured: at most ~5e-7 in float32)
+
+# One small configuration per family (names as registered; token reducers with static shapes).
+SMALL = {
+    "deit_tiny_distilled_patch16_224": dict(img_size=32, depth=1),
+    "efficientformer_l1": dict(img_size=64, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 2)),
+    "efficientformerv2_s0": dict(img_size=64, embed_dims=(16, 24, 32, 48), depths=(1, 1, 2, 2),
+                                 num_vit=1, mlp_ratios=(4, 4, 4, 4)),
+    "regnety_160": dict(img_size=32, depths=(1, 1, 1, 1), widths=(16, 32, 48, 64), group_size=8,
+                        stem_width=16),
+    "resnext50_32x4d": dict(img_size=32, depths=(1, 1, 1, 1), base_width=2, stem_width=16),
+    "sepvit_lite": dict(img_size=36, depths=(1, 2, 1, 1),
+                        window_sizes=((7,), (7, 14), (2,), (7,))),
+    "uninet_b0": dict(img_size=32, repeats=(1, 1, 1, 1, 1, 1)),
+    "vit_slim_deit_s": dict(img_size=32),
+    "nasvit_supernet_tiny": dict(img_size=32),
+    "dynamicvit_deit_s": dict(img_size=64, depth=4, pruning_loc=(1, 2, 3), embed_dim=96,
+                              num_heads=2),
+    "ats_deit_s": dict(img_size=64, depth=3, ats_blocks=(1, 2), num_tokens=(13, 9), embed_dim=96,
+                       num_heads=2),
+    "patchmerger_vit_s16": dict(img_size=64, depth=3, merge_after=1, num_merged_tokens=4),
+}
+# Families jax2onnx 0.12.5 cannot export: to_onnx must say so (and what failed).
+UNSUPPORTED = {
+    "reformer_vit_ti16": dict(img_size=32, depth=2),
+    "autoformer_t": dict(img_size=32, depth=2),
+}
+
+
+def _model(name: str, overrides: dict, seed: int = 0):
+  model = create_model(name, num_classes=10, **overrides)
+  return model, random_variables(model, (1, *layers.to_pair(model.img_size), 3), seed)
+
+
+def _apply(model, variables, images):
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_config_runs_in_onnxruntime_like_apply(name):
+  model, variables = _model(name, SMALL[name])
+  exported = export.to_onnx(model, variables, batch=2, model_name=name)
+  assert exported.max_rel_err <= RTOL
+  images = random_images(2, layers.to_pair(model.img_size)[0], seed=1)  # not the check's photos
+  got = export.onnx.run(export.session(exported.proto), images)
+  assert rel_err(got, _apply(model, variables, images)) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "efficientformer_l1"])
+def test_full_size_parity(name):
+  model = create_model(name)
+  variables = random_variables(model, (1, 224, 224, 3))
+  exported = export.to_onnx(model, variables, batch=1, model_name=name)
+  assert exported.max_rel_err <= RTOL
+  images = random_images(1, 224, seed=2)
+  got = export.onnx.run(export.session(exported.proto), images)
+  assert rel_err(got, _apply(model, variables, images)) <= RTOL
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_family_fails_naming_the_model_and_the_cause(name):
+  model, variables = _model(name, UNSUPPORTED[name])
+  with pytest.raises(export.ExportError, match=rf"^{name}") as info:
+    export.to_onnx(model, variables, batch=1, model_name=name)
+  assert len(str(info.value)) > len(name) + 40  # says what failed, not just that it failed
+
+
+@pytest.fixture(scope="module")
+def efficientformer():
+  return _model("efficientformer_l1", SMALL["efficientformer_l1"])
+
+
+def test_export_forms_give_the_same_logits(efficientformer):
+  """The switch alone, without ONNX: the XLA forms and the export forms of every block of a small
+  EfficientFormer (pooling, GELU, attention) and of a grouped-conv EfficientFormerV2 agree."""
+  images = random_images(2, 64, seed=3)
+  for model, variables in (efficientformer,
+                           _model("efficientformerv2_s0", SMALL["efficientformerv2_s0"])):
+    plain = _apply(model, variables, images)
+    with layers.export_forms():
+      exported = _apply(model, variables, images)
+    assert rel_err(exported, plain) <= 1e-5
+
+
+def test_export_forms_reach_the_graph(efficientformer):
+  """Under the switch the graph holds ONNX Gelu, AveragePool, Softmax and MatMul instead of the
+  written-out GELU (Erf), shifted-slice pooling and Einsum attention."""
+  model, variables = efficientformer
+  ops = Counter(n.op_type for n in export.to_onnx(model, variables).proto.graph.node)
+  assert ops["Gelu"] and ops["AveragePool"] and ops["Softmax"] and ops["MatMul"]
+  assert not ops["Erf"] and not ops["Einsum"]
+
+
+def test_dynamic_batch_runs_at_other_batch_sizes():
+  name = "deit_tiny_distilled_patch16_224"
+  model, variables = _model(name, SMALL[name])
+  exported = export.to_onnx(model, variables, batch="dynamic")
+  sess = export.session(exported.proto)
+  for batch in (1, 3):
+    images = random_images(batch, 32, seed=batch)
+    assert rel_err(export.onnx.run(sess, images), _apply(model, variables, images)) <= RTOL
+
+
+def test_int8_dynamic_quantizes_and_reports_drift(efficientformer):
+  model, variables = efficientformer
+  report = export.quantize(export.to_onnx(model, variables, batch=2), "dynamic", rounds=2)
+  ops = Counter(n.op_type for n in report.proto.graph.node)
+  assert ops["DynamicQuantizeLinear"] or ops["MatMulInteger"] or ops["ConvInteger"]
+  assert 0 < report.logit_drift < 0.5 and 0 <= report.top1_changed <= 1
+  assert report.float_ms > 0 and report.int8_ms > 0
+
+
+def test_cli_writes_a_checked_model(tmp_path, capsys):
+  out = tmp_path / "deit.onnx"
+  assert cli.main(["--model", "deit_tiny_patch16_224", "--img-size", "32", "--batch", "2",
+                   "--out", str(out)]) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert record["params"] > 5e6 and record["gmacs"] > 0 and record["latency_ms"] > 0
+  assert record["max_rel_err"] <= RTOL and record["out"] == str(out)
+  sess = export.session(out.read_bytes())
+  assert sess.get_inputs()[0].shape == [2, 32, 32, 3]
+
+
+def test_cli_refuses_a_slower_int8_model(tmp_path, capsys, monkeypatch):
+  slower = lambda exported, mode, threads: export.Int8Report(  # noqa: E731
+      exported.proto, mode, float_ms=1.0, int8_ms=2.0, logit_drift=0.01, top1_changed=0.0)
+  monkeypatch.setattr(export.onnx, "quantize", slower)
+  out = tmp_path / "int8.onnx"
+  assert cli.main(["--model", "deit_tiny_patch16_224", "--img-size", "32", "--int8", "dynamic",
+                   "--out", str(out)]) == 1
+  assert "runs slower than float32" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "deit_tiny_patch16_224", "--batch", "0"], "positive integer or 'dynamic'"),
+    (["--model", "no_such_model"], "Unknown model 'no_such_model'"),
+    (["--workdir", "runs/x", "--model", "deit_tiny_patch16_224"], "--workdir needs --config"),
+])
+def test_cli_user_errors(tmp_path, capsys, argv, message):
+  assert cli.main([*argv, "--out", str(tmp_path / "m.onnx")]) == 1
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_batch_is_a_user_error(efficientformer):
+  with pytest.raises(UserError, match="positive batch size"):
+    export.to_onnx(*efficientformer, batch=-1)
