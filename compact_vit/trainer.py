@@ -364,6 +364,22 @@ def concat_batches(iterators: list[Iterator[Mapping[str, np.ndarray]]]) -> Itera
     yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def process_sum(mesh) -> Callable[[int], int]:
+  """A function summing an integer over all processes (a small all-reduce every process must join;
+  plain `int` for one process)."""
+  if jax.process_count() == 1:
+    return int
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+  total = jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))
+
+  def fn(value: int) -> int:
+    parts = np.zeros((len(mesh.local_devices),), np.int32)
+    parts[0] = value
+    return int(total(jax.make_array_from_process_local_data(data_sharding, parts)))
+
+  return fn
+
+
 class _StopAgreement:
   """Agrees across processes on a stop request: each call contributes this process's flag and
   returns whether any process had set its flag at the previous call (one step behind, so the
@@ -552,16 +568,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for prefix, key in [("val", "params")] + ([("val_ema", "ema_params")] if use_ema else []):
       res = evaluate(eval_fn, model_variables(state, key), eval_batches(), mesh)
       result.update({f"{prefix}/top1": res["top1"], f"{prefix}/top5": res["top5"]})
+    unreadable = info.num_eval - int(res["count"])  # every readable example counts once
+    if unreadable:
+      result["val/unreadable"] = unreadable
     writer.write(step, result)
-    log(f"[eval step {step}] top1 {result['val/top1']:.4f}  top5 {result['val/top5']:.4f}")
+    log(f"[eval step {step}] top1 {result['val/top1']:.4f}  top5 {result['val/top5']:.4f}" +
+        (f"  ({unreadable} of {info.num_eval} examples unreadable, named above; accuracy over the "
+         "rest)" if unreadable else ""))
     return result
 
-  train_iter = concat_batches([
+  # Unreadable train examples are skipped (their rows filled from the same batch) and counted.
+  train_iters = [
       pipeline.train_iterator(
           config.dataset, config.aug, img_size=config.img_size,
           batch_size=config.batch_size // num_slices, seed=config.seed, start_step=start_step,
           process_index=index, process_count=num_slices)
-      for index in slices])
+      for index in slices]
+  train_iter = concat_batches(train_iters)
+  sum_over_processes = process_sum(mesh)
+  skipped_counted = skipped_total = 0
 
   # Loop. Losses are checked one step late (LossGuard), and always before a save.
   hint = ""
@@ -595,9 +620,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step > start_step + 1:
           record["train/images_per_sec"] = progress.update(step)
           record["train/input_wait_fraction"] = progress.input_fraction
+        skipped = sum(it.skipped for it in train_iters)  # rows skipped since the last log line
+        record["data/skipped"] = sum_over_processes(skipped - skipped_counted)
+        skipped_counted, skipped_total = skipped, skipped_total + record["data/skipped"]
         writer.write(step, record)
         if pid == 0:
-          progress.show(step, loss, float(host["lr"]))
+          progress.show(step, loss, float(host["lr"]), skipped=skipped_total)
       if step % config.eval_every == 0 or is_last:
         final_eval = run_eval(state, step)
       stopping = stop_agreed(stop.signal is not None)

@@ -130,6 +130,9 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   # a GPU or TPU backend, False on the CPU.
   c.dataset.on_accelerator = ml_collections.config_dict.placeholder(bool)
   c.dataset.canvas_min_side = CANVAS_MIN_SIDE  # on_accelerator: crops travel in max(2 img_size, this)²
+  # Unreadable train images are skipped (named and counted) until more than this fraction of an
+  # epoch is; then the run stops and lists them (docs/troubleshooting.md).
+  c.dataset.max_skipped = 0.001
 
   c.aug = ml_collections.ConfigDict()
   c.aug.random_resized_crop = True

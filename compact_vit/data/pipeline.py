@@ -33,6 +33,15 @@ All epochs form one tf.data pipeline (counter → flat_map), so nothing is rebui
 
 Eval (`eval_iterator`): one pass in a fixed order; the last batches are padded (mask False) so every
 process yields `num_eval_batches(...)` batches and every example counts once across processes.
+
+Bad data (`Batches`): an example whose file cannot be read or decoded (truncated or corrupt JPEG, empty
+file, a record of a damaged TFRecord file) is skipped without moving any other example: in training
+its row is filled with a copy of another row of the same batch (the first good rows in turn; with
+on_accelerator it keeps its own augmentation key), so batch k stays a pure function of (seed, k, slice)
+and a resumed run stays exact; in evaluation its row is masked out. Each one is named once on stdout
+and counted (`Batches.skipped`); training stops with a `UserError` listing them once more distinct
+examples are unreadable than `dataset.max_skipped` (default 0.001) times this process's examples per
+epoch. PNG, CMYK and grayscale images, whatever their file name, decode to RGB and are used.
 """
 from __future__ import annotations
 
@@ -50,7 +59,11 @@ from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
                  cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=None,
-                 canvas_min_side=CANVAS_MIN_SIDE)
+                 canvas_min_side=CANVAS_MIN_SIDE, max_skipped=0.001)
+# Names a record a damaged TFRecord file could not deliver (`sources.TfdsDataset.shard`).
+LOST_MARK = ' (truncated or corrupt file): lost record '
+# The name of a record that a source could not deliver at all (see `_epoch_padding`).
+_MISSING = '(a record missing from the slice; named above)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,26 +206,134 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
       ds = ds.shuffle(buffer, seed=tf.random.stateless_uniform([], key, None, None, tf.int64))
     if repeated.on:
       ds = repeated.arrange(ds, batch_size=batch_size, process_count=process_count)
-    return ds.take(steps * batch_size).enumerate().map(lambda i, rec: (key, i, rec))
+    ds = _epoch_padding(ds, steps * batch_size)
+    return ds.enumerate().map(lambda i, rec: (key, i, rec))
 
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
-  def preprocess(key, i, record):
-    ref, label = record
-    key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
+  def example(ref, key):
     if on_accelerator:
-      example = transforms.train_example_for_accelerator(shard.load(ref), key, aug, img_size=img_size,
-                                                         canvas=canvas)
-      return {**example, 'label': label}
-    image = transforms.train_transform(shard.load(ref), key, aug, img_size=img_size, mean=mean, std=std)
-    return {'image': image, 'label': label}
+      return transforms.train_example_for_accelerator(shard.load(ref), key, aug, img_size=img_size,
+                                                      canvas=canvas)
+    return {'image': transforms.train_transform(shard.load(ref), key, aug, img_size=img_size,
+                                                mean=mean, std=std)}
+
+  if on_accelerator:
+    fallback = {'image': tf.zeros([0, 0, 3], tf.uint8), 'size': tf.zeros([2], tf.int32),
+                'scale': tf.ones([2]), 'translation': tf.zeros([2]), 'aug_key': tf.zeros([2], tf.uint32)}
+  else:
+    fallback = {'image': tf.zeros([img_size, img_size, 3])}
+  guarded_example = transforms.guarded(example, fallback)
+
+  def preprocess(key, i, record):
+    ref, label, name = record
+    key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
+    out, ok = guarded_example(ref, key)
+    return {**out, 'label': label, **_outcome(ok, name)}
 
   # One pipeline for all epochs, so the augmentation graph is instantiated once.
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(skip_steps * batch_size)
   ds = ds.map(preprocess, num_parallel_calls=parallel_calls())
-  ds = _batch(ds, batch_size, canvas, drop_remainder=True)
-  return ds.prefetch(2).with_options(_options()).as_numpy_iterator()
+  ds = _batch(ds, batch_size, canvas, drop_remainder=True).map(_fill_skipped_rows)
+  epoch_examples = steps * batch_size
+  return Batches(ds.prefetch(2).with_options(_options()).as_numpy_iterator(), what='train',
+                 max_skipped=_max_skipped(dataset_cfg, epoch_examples), epoch_examples=epoch_examples)
+
+
+def _max_skipped(cfg: Any, epoch_examples: int) -> int:
+  """The most distinct unreadable train examples a process may skip: dataset.max_skipped (a fraction
+  of an epoch) times its examples per epoch."""
+  fraction = _field(cfg, 'max_skipped')
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    raise UserError(f'dataset.max_skipped={fraction!r} must be a fraction of an epoch in [0, 1): the '
+                    'share of unreadable train examples to skip before stopping (0: stop at the first).')
+  return int(fraction * epoch_examples)
+
+
+def _epoch_padding(records: Any, count: int) -> Any:
+  """The first `count` records, padded with records named `_MISSING` if there are fewer (a cached
+  slice that left out images it could not decode), so no epoch is shorter than the others."""
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  ref_spec, label_spec, _ = records.element_spec
+  missing = (tf.zeros([d or 0 for d in ref_spec.shape], ref_spec.dtype), tf.zeros([], label_spec.dtype),
+             tf.constant(_MISSING))
+  return records.take(count).concatenate(tf.data.Dataset.from_tensors(missing).repeat()).take(count)
+
+
+def _outcome(ok: Any, name: Any) -> dict[str, Any]:
+  """The per-example fields `Batches` reads and removes: 'skipped' (bool) and 'source' (its name)."""
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  return {'skipped': tf.logical_or(tf.logical_not(ok), tf.equal(name, _MISSING)), 'source': name}
+
+
+def _fill_skipped_rows(batch: dict[str, Any]) -> dict[str, Any]:
+  """A train batch whose skipped rows hold copies of its readable rows (the first ones in turn),
+  except the on_accelerator augmentation key, which stays the row's own; unchanged when no row (or
+  every row) was skipped."""
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  skipped = batch['skipped']
+  good = tf.cast(tf.where(tf.logical_not(skipped))[:, 0], tf.int32)
+  rows = tf.range(tf.shape(skipped)[0])
+  source = tf.where(skipped, tf.gather(good, rows % tf.maximum(tf.size(good), 1)), rows)
+  copied = ('skipped', 'source', 'aug_key')
+  fill = lambda: {k: v if k in copied else tf.gather(v, source) for k, v in batch.items()}
+  return tf.cond(tf.reduce_any(skipped) & (tf.size(good) > 0), fill, lambda: dict(batch))
+
+
+class Batches:
+  """An iterator of numpy batches that takes out the 'skipped' and 'source' fields: each unreadable
+  example is named once on stdout and counted. `skipped`: rows skipped so far (every time an
+  example comes round again); `unreadable`: the distinct names. Training (`max_skipped` not None)
+  raises a `UserError` listing them once there are more than `max_skipped`, or when every row of a
+  batch is unreadable."""
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], *, what: str,
+               max_skipped: int | None = None, epoch_examples: int = 0):
+    self._batches = batches
+    self._what = what
+    self._max_skipped = max_skipped
+    self._epoch_examples = epoch_examples
+    self.skipped = 0
+    self.unreadable: dict[str, None] = {}  # Insertion-ordered set.
+    self._damaged_files: set[str] = set()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._batches)
+    skipped, source = batch.pop('skipped'), batch.pop('source')
+    if skipped.any():
+      self._count(skipped, source)
+    return batch
+
+  def _count(self, skipped: np.ndarray, source: np.ndarray) -> None:
+    self.skipped += int(skipped.sum())
+    for name in source[skipped]:
+      name = name.decode(errors='replace')
+      if name not in self.unreadable:
+        self.unreadable[name] = None
+        file, lost, _ = name.partition(LOST_MARK)
+        if not lost:
+          print(f'Skipped an unreadable {self._what} example: {name}', flush=True)
+        elif file not in self._damaged_files:
+          self._damaged_files.add(file)
+          print(f'Skipping the unreadable {self._what} records of {file} (truncated or corrupt); '
+                'those after the damage are lost.', flush=True)
+    if self._max_skipped is None:
+      return
+    names = list(self.unreadable)
+    listed = '\n  '.join(names[:50]) + (f'\n  ... and {len(names) - 50} more' if len(names) > 50 else '')
+    if skipped.all():
+      raise UserError(f'Every example of a {self._what} batch is unreadable; check the dataset files. '
+                      f'Unreadable so far:\n  {listed}')
+    if len(names) > self._max_skipped:
+      raise UserError(
+          f'{len(names)} {self._what} examples could not be read, more than dataset.max_skipped allows '
+          f'({self._max_skipped} of this process\'s {self._epoch_examples} per epoch). Replace or '
+          f'delete these files (or raise --config.dataset.max_skipped), then rerun the same command '
+          f'to resume:\n  {listed}')
 
 
 def _canvas(cfg: Any, img_size: int) -> int:
@@ -259,22 +380,28 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
-  def preprocess(ref, label):
+  def example(ref):
     if on_accelerator:
-      example = transforms.eval_example_for_accelerator(shard.load(ref), img_size=img_size,
-                                                        crop_pct=crop_pct, canvas=canvas)
-    else:
-      example = {'image': transforms.eval_transform(shard.load(ref), img_size=img_size,
-                                                    crop_pct=crop_pct, mean=mean, std=std)}
-    return {**example, 'label': label, 'mask': tf.constant(True)}
+      return transforms.eval_example_for_accelerator(shard.load(ref), img_size=img_size,
+                                                     crop_pct=crop_pct, canvas=canvas)
+    return {'image': transforms.eval_transform(shard.load(ref), img_size=img_size, crop_pct=crop_pct,
+                                               mean=mean, std=std)}
 
   blank = {'image': tf.zeros([img_size, img_size, 3])}
   if on_accelerator:
     blank = {'image': tf.zeros([img_size, img_size, 3], tf.uint8), 'size': tf.constant([img_size] * 2),
              'scale': tf.ones([2]), 'translation': tf.zeros([2])}
+  guarded_example = transforms.guarded(example, blank)
+
+  def preprocess(ref, label, name):
+    out, ok = guarded_example(ref)
+    outcome = _outcome(ok, name)
+    return {**out, 'label': label, 'mask': tf.logical_not(outcome['skipped']), **outcome}
+
   padding = tf.data.Dataset.from_tensors({
-      **blank, 'label': tf.constant(0, tf.int32),
-      'mask': tf.constant(False)}).repeat(num_batches * batch_size - shard.size)
+      **blank, 'label': tf.constant(0, tf.int32), 'mask': tf.constant(False),
+      'skipped': tf.constant(False), 'source': tf.constant('')}).repeat(
+          num_batches * batch_size - shard.size)
   ds = shard.records(None).map(preprocess, num_parallel_calls=parallel_calls())
   ds = _batch(ds.concatenate(padding), batch_size, canvas)
-  return ds.prefetch(2).with_options(_options()).as_numpy_iterator()
+  return Batches(ds.prefetch(2).with_options(_options()).as_numpy_iterator(), what='eval')

@@ -1,10 +1,16 @@
 """Where examples come from: TFDS datasets (the embedded `digits`, `imagenet2012`, any TFDS name) and
 image folders (`folder:/root` with root/<split>/<class>/<image>).
 
-A `Shard` is one process's slice of one split. `records(key)` streams (ref, label int32) in a fixed
-order, or shuffled by a stateless seed tensor, and can be built inside tf.data functions, so one
+A `Shard` is one process's slice of one split. `records(key)` streams (ref, label int32, name) in a
+fixed order, or shuffled by a stateless seed tensor, and can be built inside tf.data functions, so one
 pipeline spans all epochs; `load(ref)` turns a record into an image (encoded bytes or uint8), so
-skipping records costs no decoding. Slices follow `tfds.even_splits`: process i of n gets a
+skipping records costs no decoding; `name` says where the record comes from (a file path, or a TFRecord
+file and record index), for the log when it cannot be read.
+
+Damaged input never shifts the stream: a TFRecord file yields exactly the records its split
+instructions promise, those it cannot read (a truncated or corrupt file) replaced by empty records
+named after the file, which fail to decode and are then skipped like any undecodable image
+(`pipeline`). Slices follow `tfds.even_splits`: process i of n gets a
 contiguous, near-equal part, the first (size % n) parts one example larger.
 """
 from __future__ import annotations
@@ -13,12 +19,14 @@ import contextlib
 import dataclasses
 import io
 import os
+import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from compact_vit.data import transforms
 from compact_vit.data._tf import tf, tfds
+from compact_vit.data.pipeline import LOST_MARK  # A damaged file's lost records: FILE + LOST_MARK + count.
 from compact_vit.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -31,7 +39,7 @@ _KNOWN = ("'digits' (embedded, offline), 'imagenet2012' (TFDS, manual download),
 class Shard:
   """One process's slice of one split.
 
-  records(key): tf.data.Dataset of (ref, label int32); in a fixed order when key is None, else
+  records(key): tf.data.Dataset of (ref, label int32, name string); in a fixed order when key is None, else
     shuffled by the stateless seed `key` (2,) int64: a full permutation when `exact_shuffle`, else
     only the file order (add a buffer shuffle on top).
   load(ref): encoded image bytes or uint8 (H, W, 3).
@@ -43,16 +51,19 @@ class Shard:
   fixed_shape: bool  # All images share one (H, W): caching them decoded is possible.
 
 
-def _indexed(refs: np.ndarray, labels: np.ndarray, load: Callable[[Any], Any], fixed_shape: bool) -> Shard:
-  """A shard over in-memory refs and labels; shuffles are full permutations."""
+def _indexed(refs: np.ndarray, labels: np.ndarray, names: np.ndarray | None, load: Callable[[Any], Any],
+             fixed_shape: bool) -> Shard:
+  """A shard over in-memory refs, labels and names (None: the refs are the names); shuffles are full
+  permutations."""
   refs, labels = tf.constant(refs), tf.constant(labels, tf.int32)
+  names = refs if names is None else tf.constant(names)
 
   def records(key):
     index = tf.range(tf.shape(labels)[0])
     if key is not None:
       index = tf.random.experimental.stateless_shuffle(index, key)
     return tf.data.Dataset.from_tensor_slices(index).map(
-        lambda i: (tf.gather(refs, i), tf.gather(labels, i)))
+        lambda i: (tf.gather(refs, i), tf.gather(labels, i), tf.gather(names, i)))
 
   return Shard(size=int(labels.shape[0]), records=records, load=load, exact_shuffle=True,
                fixed_shape=fixed_shape)
@@ -124,11 +135,20 @@ class TfdsDataset:
     decoders = {self.image_key: tfds.decode.SkipDecoding()}
 
     def read(i):
-      return tf.data.TFRecordDataset(names[i]).skip(skips[i]).take(takes[i])
+      # A truncated file ends early without an error, a corrupt one with an error: either way the
+      # file still yields takes[i] records, the missing ones empty (they fail to decode and are
+      # skipped), so no later record moves.
+      lost = tf.data.Dataset.range(takes[i]).map(lambda j: (
+          tf.constant(b''), tf.constant(0, tf.int32),
+          tf.strings.join([names[i], LOST_MARK, tf.strings.as_string(j + 1)])))
+      ds = tf.data.TFRecordDataset(names[i]).skip(skips[i]).take(takes[i]).enumerate(skips[i])
+      ds = ds.map(lambda k, serialized: parse(serialized, names[i], k)).ignore_errors()
+      return ds.concatenate(lost).take(takes[i])
 
-    def parse(serialized):
+    def parse(serialized, filename, k):
       example = info.features.deserialize_example(serialized, decoders=decoders)
-      return example[self.image_key], tf.cast(example[self.label_key], tf.int32)
+      name = tf.strings.join([filename, '[', tf.strings.as_string(k), ']'])
+      return example[self.image_key], tf.cast(example[self.label_key], tf.int32), name
 
     def records(key):
       # As TFDS's reader with shuffle_files: shuffle the files, interleave 16 at a time.
@@ -138,7 +158,7 @@ class TfdsDataset:
       ds = tf.data.Dataset.from_tensor_slices(order).interleave(
           read, cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
           deterministic=True)
-      return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+      return ds
 
     return Shard(size=sum(f.take for f in files), records=records, load=lambda r: r,
                  exact_shuffle=False, fixed_shape=self.fixed_shape)
@@ -254,7 +274,7 @@ class FolderDataset:
   def shard(self, split: str, index: int, count: int) -> Shard:
     start, end = even_slice(self.num_examples(split), index, count)
     paths, labels = self.files(split)
-    return _indexed(paths[start:end], labels[start:end], tf.io.read_file, fixed_shape=False)
+    return _indexed(paths[start:end], labels[start:end], None, tf.io.read_file, fixed_shape=False)
 
 
 def open_dataset(name: str, data_dir: str | None, train_split: str) -> TfdsDataset | FolderDataset:
@@ -268,14 +288,34 @@ def open_dataset(name: str, data_dir: str | None, train_split: str) -> TfdsDatas
 
 def in_memory(shard: Shard) -> Shard:
   """The shard read once into host memory: decoded uint8 when all images share a shape (digits,
-  cifar10), else the encoded bytes. Its shuffles are full permutations."""
-  ds = shard.records(None).map(lambda ref, label: (shard.load(ref), label), tf.data.AUTOTUNE)
+  cifar10), else the encoded bytes. Its shuffles are full permutations. Images that cannot be
+  decoded while caching are left out, named on stdout (the pipeline's epochs keep their length)."""
+  ds = shard.records(None).map(lambda ref, label, name: (shard.load(ref), label, name), tf.data.AUTOTUNE)
   if shard.fixed_shape:
-    ds = ds.map(lambda image, label: (transforms.decode(image), label), tf.data.AUTOTUNE)
-  images, labels = [], []
-  for image, label in ds.batch(1024).as_numpy_iterator():
+    decode = transforms.guarded(transforms.decode, tf.zeros([0, 0, 3], tf.uint8))
+
+    def decoded(data, label, name):
+      image, ok = decode(data)
+      return image, ok, label, name
+
+    def readable(image, ok, label, name):
+      del image, label
+
+      def report():
+        with tf.control_dependencies([tf.print('Left out of the in-memory cache, cannot be decoded:',
+                                               name, output_stream=sys.stdout)]):
+          return tf.constant(False)
+
+      return tf.cond(ok, lambda: tf.constant(True), report)
+
+    ds = ds.map(decoded, tf.data.AUTOTUNE).filter(readable).map(
+        lambda image, ok, label, name: (image, label, name))
+  images, labels, names = [], [], []
+  for image, label, name in ds.batch(1024).as_numpy_iterator():
     images.append(image)
     labels.append(label)
+    names.append(name)
   if not labels:
     return shard
-  return _indexed(np.concatenate(images), np.concatenate(labels), lambda image: image, shard.fixed_shape)
+  return _indexed(np.concatenate(images), np.concatenate(labels), np.concatenate(names),
+                  lambda image: image, shard.fixed_shape)

@@ -30,6 +30,21 @@ from compact_vit.data._tf import tf
 from compact_vit.data.settings import RandAugmentConfig, TrainAugment  # pylint: disable=unused-import  (re-exported)
 
 
+def guarded(fn: Callable[..., Any], fallback: Any) -> Callable[..., tuple[Any, tf.Tensor]]:
+  """fn wrapped for use inside a tf.data map: returns (fn(*args), True), or (fallback, False) when fn
+  raises (an image that does not decode, a file that cannot be read). The call runs as a one-element
+  dataset whose errors are dropped, so no second pass over the bytes is needed; `fallback` must have
+  fn's structure and dtypes."""
+  ok_fallback = (fallback, tf.constant(False))
+
+  def call(*args):
+    attempt = tf.data.Dataset.from_tensors(args).map(lambda *a: (fn(*a), tf.constant(True)))
+    return attempt.ignore_errors().concatenate(
+        tf.data.Dataset.from_tensors(ok_fallback)).take(1).get_single_element()
+
+  return call
+
+
 def decode(data: tf.Tensor) -> tf.Tensor:
   """Encoded image (JPEG, PNG, GIF, BMP) → uint8 (H, W, 3); a uint8 image passes through."""
   if data.dtype == tf.uint8:
