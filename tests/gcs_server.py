@@ -9,7 +9,8 @@ credentials and every Google metadata/auth probe sent to a closed loopback port,
 leaves 127.0.0.1.
 
 `FaultProxy` stands between the clients and the server and answers a share of the requests that
-match a rule with 503/429/403, drops the connection, or delays the answer.
+match a rule with 503/429/403, drops the connection, or delays the answer (each rule draws its own
+share from a seeded generator; the first that fires applies).
 """
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ class FaultProxy:
 
       def _handle(self):
         body = self._read_body()
-        action = proxy._decide(self.command, self.path)
+        rule = proxy._decide(self.command, self.path)
+        action = rule.action if rule else None
         proxy.log.append((self.command, self.path, action or "forwarded"))
         if action == "drop":
           self.close_connection = True
@@ -198,7 +200,7 @@ class FaultProxy:
           self.wfile.write(payload)
           return
         if action == "slow":
-          time.sleep(proxy._delay(self.command, self.path))
+          time.sleep(rule.delay)
         status, headers, payload = proxy._forward(self.command, self.path, self.headers, body)
         self.send_response(status)
         for name, value in headers:
@@ -232,28 +234,19 @@ class FaultProxy:
     self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
     threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-  def _match(self, method: str, path: str) -> Rule | None:
-    for rule in self.rules:
-      if re.fullmatch(rule.method, method) and re.search(rule.path, path):
-        return rule
-    return None
-
-  def _decide(self, method: str, path: str) -> str | None:
+  def _decide(self, method: str, path: str) -> Rule | None:
+    """The first rule that matches and fires (each draws its own share), or None."""
     with self._lock:
-      rule = self._match(method, path)
-      if rule is None:
-        return None
-      rule.seen += 1
-      if rule.seen <= rule.after or (rule.limit is not None and rule.applied >= rule.limit):
-        return None
-      if self._random.random() >= rule.share:
-        return None
-      rule.applied += 1
-      return rule.action
-
-  def _delay(self, method: str, path: str) -> float:
-    rule = self._match(method, path)
-    return rule.delay if rule else 0.0
+      for rule in self.rules:
+        if not (re.fullmatch(rule.method, method) and re.search(rule.path, path)):
+          continue
+        rule.seen += 1
+        if rule.seen <= rule.after or (rule.limit is not None and rule.applied >= rule.limit):
+          continue
+        if self._random.random() < rule.share:
+          rule.applied += 1
+          return rule
+      return None
 
   def _forward(self, method, path, headers, body):
     host = self.upstream.split("//", 1)[1]
