@@ -41,8 +41,8 @@ from flax import linen as nn
 
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, PatchEmbed, check_input_size,
-                                   check_settings, dense, drop_path_rates, gelu, linear_init,
-                                   settings_problems, to_pair)
+                                   check_settings, dense, drop_path_rates, exporting, gelu,
+                                   linear_init, settings_problems, to_pair)
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, as the authors' LayerNormSuper
 
@@ -248,6 +248,10 @@ class Attention(nn.Module):
       rel_tables = rel_v
       for table, index in zip(rel_k, rel_index):
         per_row = jnp.einsum("bqhd,rd->bhqr", q, table.astype(self.dtype))
+        if exporting():  # gather and scatter as one-hot matmuls, which ONNX runtimes run
+          logits = logits + jnp.einsum("bhqr,qkr->bhqk", per_row,
+                                       jax.nn.one_hot(index, rows, dtype=per_row.dtype))
+          continue
         logits = logits + jnp.take_along_axis(
             per_row, jnp.broadcast_to(index, per_row.shape[:2] + index.shape), axis=-1)
     weights = jax.nn.softmax(logits.astype(jnp.float32) * scale, axis=-1).astype(self.dtype)
@@ -256,8 +260,12 @@ class Attention(nn.Module):
     if rel_tables is not None:
       query = jnp.arange(tokens)[:, None]
       for table, index in zip(rel_tables, rel_index):
-        bins = jnp.zeros(weights.shape[:3] + (table.shape[0],), weights.dtype)
-        bins = bins.at[:, :, query, index].add(weights, mode="promise_in_bounds")  # per bin
+        if exporting():
+          bins = jnp.einsum("bhqk,qkr->bhqr", weights,
+                            jax.nn.one_hot(index, table.shape[0], dtype=weights.dtype))
+        else:
+          bins = jnp.zeros(weights.shape[:3] + (table.shape[0],), weights.dtype)
+          bins = bins.at[:, :, query, index].add(weights, mode="promise_in_bounds")  # per bin
         out = out + jnp.einsum("bhqr,rd->bqhd", bins, table.astype(self.dtype))
     if head_mask is not None:
       out = jnp.where(head_mask[:, None], out, 0.0)
