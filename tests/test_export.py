@@ -142,7 +142,7 @@ def test_cli_writes_a_checked_model(tmp_path, capsys):
 
 
 def test_cli_refuses_a_slower_int8_model(tmp_path, capsys, monkeypatch):
-  slower = lambda exported, mode, threads: export.Int8Report(  # noqa: E731
+  slower = lambda exported, mode, **_: export.Int8Report(  # noqa: E731
       exported.proto, mode, float_ms=1.0, int8_ms=2.0, logit_drift=0.01, top1_changed=0.0)
   monkeypatch.setattr(export.onnx, "quantize", slower)
   out = tmp_path / "int8.onnx"

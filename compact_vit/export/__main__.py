@@ -8,13 +8,16 @@ Exports the model, checks its logits against `model.apply` on real photos (relat
 `hf-hub:OWNER/NAME`); `--config`/`--workdir` the latest training checkpoint of a run. With
 neither, the weights are random (for latency only). With `--int8`, the int8 model is written only
 if it runs faster than the float one; otherwise the command says so and writes nothing (exit 1)
-unless `--int8-even-if-slower`.
+unless `--int8-even-if-slower`. Its logit drift and top-1 change against the float model are
+printed too: on the run's eval split (with both top-1 accuracies) for `--config`, else on photos.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+import numpy as np
 
 from compact_vit.errors import UserError
 
@@ -84,6 +87,21 @@ def _from_run(config_spec: str, workdir: str, name: str | None, overrides: dict)
   return config.model.name, model, variables, f"{workdir} step {step}"
 
 
+def eval_set(config_spec: str, limit: int = 1024):
+  """(images, labels): up to `limit` examples of the run's eval split, as eval.py reads them."""
+  # pylint: disable=import-outside-toplevel
+  from compact_vit import recipe
+  from compact_vit.data import pipeline
+  config = recipe.load_config(config_spec)
+  images, labels = [], []
+  for batch in pipeline.eval_iterator(config.dataset, img_size=config.img_size,
+                                      batch_size=config.eval_batch_size,
+                                      crop_pct=config.crop_pct):
+    images.append(batch["image"][batch["mask"]])
+    labels.append(batch["label"][batch["mask"]])
+  return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; prints one JSON line (errors: one line on stderr, status 1)."""
   args = _parse(argv)
@@ -107,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         "latency_batch": timing_batch, "threads": args.threads,
     }
     if args.int8:
-      report = ex.quantize(export, args.int8, threads=args.threads)
+      report = ex.quantize(export, args.int8, threads=args.threads,
+                           eval_set=eval_set(args.config) if args.config else None)
       record.update(int8=args.int8, float_ms=round(report.float_ms, 3),
                     int8_ms=round(report.int8_ms, 3), int8_logit_drift=report.logit_drift,
                     int8_top1_changed=report.top1_changed)
+      if report.float_top1 is not None:
+        record.update(float_top1=report.float_top1, int8_top1=report.int8_top1)
       if not report.faster and not args.int8_even_if_slower:
         print(json.dumps(record))
         print(f"error: {args.int8} int8 {name} runs slower than float32 in onnxruntime "

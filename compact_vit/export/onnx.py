@@ -209,17 +209,32 @@ class Int8Report:
   int8_ms: float
   logit_drift: float
   top1_changed: float
+  float_top1: float | None = None  # accuracies on a labelled eval set, when one is given
+  int8_top1: float | None = None
 
   @property
   def faster(self) -> bool:
     return self.int8_ms < self.float_ms
 
 
+def predictions(sess, images: np.ndarray, batch: int) -> np.ndarray:
+  """Top-1 classes of an onnxruntime session on `images`, run `batch` at a time (the last batch
+  padded with repeats when the model's batch is static)."""
+  out = []
+  for start in range(0, len(images), batch):
+    chunk = images[start:start + batch]
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+    out.append(run(sess, padded)[:len(chunk)].argmax(-1))
+  return np.concatenate(out)
+
+
 def quantize(export: Export, mode: str = "dynamic", *, calibration_batches: int = 4,
-             threads: int = 2, rounds: int = 10) -> Int8Report:
+             threads: int = 2, rounds: int = 10,
+             eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> Int8Report:
   """onnxruntime int8 quantization of `export`: 'dynamic' (int8 weights, activations quantized at
   run time: MatMul/Gemm become MatMulInteger) or 'static' (QDQ, activations calibrated on
-  `calibration_batches` batches of photos). Timed and compared with the float model."""
+  `calibration_batches` batches of photos). Timed and compared with the float model on photos;
+  with `eval_set` (images, labels), also the top-1 accuracy of both on it."""
   from onnxruntime import quantization as q  # pylint: disable=import-outside-toplevel
   if mode not in ("dynamic", "static"):
     raise UserError(f"int8 mode {mode!r}: use 'dynamic' or 'static'.")
@@ -241,8 +256,16 @@ def quantize(export: Export, mode: str = "dynamic", *, calibration_batches: int 
   float_sess, int8_sess = session(export.proto, threads), session(proto, threads)
   reference, quantized = run(float_sess, images), run(int8_sess, images)
   float_ms, int8_ms = _alternate(float_sess, int8_sess, images, rounds)
-  return Int8Report(proto, mode, float_ms, int8_ms, rel_err(quantized, reference),
-                    float(np.mean(quantized.argmax(-1) != reference.argmax(-1))))
+  report = Int8Report(proto, mode, float_ms, int8_ms, rel_err(quantized, reference),
+                      float(np.mean(quantized.argmax(-1) != reference.argmax(-1))))
+  if eval_set is not None:
+    eval_images, labels = eval_set
+    float_pred = predictions(float_sess, eval_images, batch)
+    int8_pred = predictions(int8_sess, eval_images, batch)
+    report.float_top1 = float(np.mean(float_pred == labels))
+    report.int8_top1 = float(np.mean(int8_pred == labels))
+    report.top1_changed = float(np.mean(float_pred != int8_pred))
+  return report
 
 
 def _alternate(first, second, images: np.ndarray, rounds: int) -> tuple[float, float]:
