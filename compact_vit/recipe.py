@@ -224,6 +224,7 @@ EF_ROW = dict(
     DEIT_ROW, family="EfficientFormer", schedule=_cosine(warmup_lr=1e-5), weight_decay=0.025,
     no_decay={}, grad_clip={"mode": "agc", "value": 0.01, "scope": "all"}, drop_path=0.0,
     distill={"type": "hard", "teacher": "regnety_160", "alpha": 0.5, "tau": 1.0})
+EFV2_NO_DECAY = {"decay": [r"/ls[12]/gamma$"]}  # the authors' layer scales are (C, 1, 1)
 SEPVIT_ROW = dict(DEIT_ROW, family="SepViT", no_decay={}, repeated_augmentation=1,
                   grad_clip={"mode": "norm", "value": 5.0, "scope": "all"}, ema_decay=0.0)
 UNINET_ROW = dict(DEIT_ROW, family="UniNet", total_epochs=310,
@@ -256,9 +257,9 @@ UNINET_SIZES = {"b0": 160, "b1": 224, "b2": 256, "b3": 288, "b4": 320, "b5": 384
 AUTHORS: dict[str, dict[str, Any]] = {
     **{f"deit_{s}.py": DEIT_ROW for s in ("ti", "s", "b")},
     **{f"efficientformer_{s}.py": EF_ROW for s in ("l1", "l3", "l7")},
-    **{f"efficientformerv2_{s}.py": dict(EF_ROW, drop_path=dp)
+    **{f"efficientformerv2_{s}.py": dict(EF_ROW, drop_path=dp, no_decay=EFV2_NO_DECAY)
        for s, dp in (("s0", 0.0), ("s1", 0.0), ("s2", 0.02), ("l", 0.1))},
-    "efficientformerv2_s0.py:epochs=450": dict(EF_ROW, total_epochs=450),
+    "efficientformerv2_s0.py:epochs=450": dict(EF_ROW, total_epochs=450, no_decay=EFV2_NO_DECAY),
     "sepvit_t.py": dict(SEPVIT_ROW, drop_path=0.2),
     "sepvit_s.py": dict(SEPVIT_ROW, drop_path=0.3, status="drop path from the authors' backbones"),
     "sepvit_b.py": dict(SEPVIT_ROW, drop_path=0.5, status="drop path from the authors' backbones"),

@@ -284,7 +284,8 @@ def efficientformer_recipe(model_name: str, *, epochs: int = 300,
   adaptive gradient clipping (AGC) at 0.01, repeated augmentation, model EMA 0.99996, hard
   distillation (alpha 0.5) from `regnety_160`, whose converted weights must be given with
   `--config.distill.teacher_init_from=DIR`. As in the authors' code, attention biases get weight
-  decay (only 1-D and bias parameters are exempt: their models define no `no_weight_decay`); their
+  decay (only 1-D and bias parameters are exempt: their models define no `no_weight_decay`), and so
+  do V2's layer scales, which the authors store as (C, 1, 1) tensors (ours are (C,)); their
   color jitter 0.4 is inactive beside RandAugment in timm, so it is left off. Drop path: V1 keeps
   the model's default 0 (main.py passes none), V2 the rate its model function sets.
   """
@@ -298,6 +299,8 @@ def efficientformer_recipe(model_name: str, *, epochs: int = 300,
   c.optim.grad_clip_mode = "agc"  # main.py --clip-mode agc --clip-grad 0.01
   c.optim.grad_clip_value = 0.01
   c.optim.no_decay = ()
+  if "v2" in model_name:  # the authors' layer scales are (C, 1, 1): 3-D, so timm's rule decays them
+    c.optim.decay = (r"/ls[12]/gamma$",)
   c.ema_decay = 0.99996
   c.distill.type = "hard"
   c.distill.teacher = "regnety_160"
@@ -312,7 +315,8 @@ def efficientformer_recipe(model_name: str, *, epochs: int = 300,
                    "1e-5, --min-lr 1e-5), step(epoch) after each epoch over --epochs",
        weight_decay=f"{main} --weight-decay 0.025",
        no_decay="timm create_optimizer: 1-D and .bias parameters (models/efficientformer.py and "
-                "efficientformer_v2.py define no no_weight_decay)",
+                "efficientformer_v2.py define no no_weight_decay); V2's layer_scale_1/2 are "
+                "(C, 1, 1) tensors there (efficientformer_v2.py), so they are decayed",
        repeated_augmentation=f"{main} --repeated-aug on by default (util/samplers.py RASampler)",
        grad_clip=f"{main} --clip-grad 0.01 --clip-mode agc (timm NativeScaler -> "
                  "adaptive_clip_grad over every parameter)",

@@ -21,6 +21,8 @@ import pytest
 
 from compact_vit import recipe
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 HELPERS = {"__init__.py", "common.py", "autoformer_common.py", "token_reduction_common.py"}
@@ -75,18 +77,58 @@ def card_of(spec):
   return recipe.recipe_card(config_of(spec))
 
 
+# The families whose authors' models timm builds with the authors' shapes (EfficientFormerV2 after
+# `to_authors_v2`: the authors store its layer scales as (C, 1, 1)), by config file prefix.
+AUTHORS_MODELS = {"deit_": None, "efficientformer_": None, "efficientformerv2_": "to_authors_v2"}
+
+
+def authors_ranks(spec):
+  """Our parameter path -> (rank of the authors' tensor, whether its name ends in bias), from the
+  authors' model (timm's, in their layout) mapped onto our paths by the converter: each tensor is
+  filled with a code of its rank, which the converter's renames, transposes and reshapes keep. None
+  for the families whose authors' code timm does not build (their converters load the authors'
+  checkpoints with our ranks, kernel transposes aside, so our shapes stand for theirs)."""
+  prefix = next((p for p in AUTHORS_MODELS if spec.startswith(p)), None)
+  if prefix is None:
+    return None
+  import timm
+  import torch
+  from compact_vit.convert import load_pytorch_state_dict
+  config = config_of(spec)
+  state = timm.create_model(config.model.name, num_classes=recipe.IMAGENET_CLASSES).state_dict()
+  if AUTHORS_MODELS[prefix]:
+    import test_efficientformer
+    state = getattr(test_efficientformer, AUTHORS_MODELS[prefix])(state)
+  coded = {k: torch.full(v.shape, float(v.ndim + 100 * k.endswith("bias"))) if v.is_floating_point()
+           else v for k, v in state.items()}
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  params = load_pytorch_state_dict(config.model.name, coded, num_classes=recipe.IMAGENET_CLASSES,
+                                   img_size=config.img_size, **overrides)["params"]
+  out = {}
+  for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items():
+    code, = np.unique(np.asarray(leaf))
+    out[path] = (int(code) % 100, code >= 100)
+  return out
+
+
 def expected_no_decay(spec, rule):
-  """The paths the authors' optimizer exempts: 1-D or bias in their layout, plus `also`, less
-  `decay` (both regexes over our paths)."""
+  """The paths the authors' optimizer exempts (timm's rule): 1-D or bias in their layout (their
+  tensors' shapes where `authors_ranks` has them), plus `also`, less `decay` (regexes over our
+  paths)."""
   import re
   params = recipe.abstract_params(config_of(spec), recipe.IMAGENET_CLASSES)
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  ours = {path: (len(leaf.shape), path.endswith("bias"))
+          for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items()}
+  theirs = authors_ranks(spec)
+  ranks = ours if theirs is None else theirs
+  assert theirs is None or set(theirs) == set(ours)
   also = [re.compile(p) for p in rule.get("also", ())]
   decay = [re.compile(p) for p in rule.get("decay", ())]
-  return sorted(
-      path for path, leaf in flat.items()
-      if (len(leaf.shape) <= 1 or path.endswith("bias") or any(p.search(path) for p in also))
-      and not any(p.search(path) for p in decay))
+  exempt = {path for path, (rank, bias) in ranks.items()
+            if rank <= 1 or bias or any(p.search(path) for p in also)}
+  if theirs is None:
+    exempt = {path for path in exempt if not any(p.search(path) for p in decay)}
+  return sorted(exempt)
 
 
 def close(a, b):
