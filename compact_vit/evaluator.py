@@ -69,6 +69,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     return pipeline.eval_iterator(
         dataset_cfg, img_size=config.img_size,
         batch_size=config.eval_batch_size // jax.process_count(), crop_pct=config.crop_pct,
+        resize=config.get("eval_resize", "shorter"),
         process_index=jax.process_index(), process_count=jax.process_count())
 
   res = trainer.evaluate(eval_fn, variables, batches(), mesh)

@@ -215,6 +215,9 @@ def validate_config(config: ml_collections.ConfigDict, training: bool = True) ->
   names = models.list_models()
   if config.model.name not in names:
     raise UserError(f"Unknown model {config.model.name!r}. Available: {', '.join(names)}.")
+  if config.get("eval_resize", "shorter") not in ("shorter", "squash"):
+    raise UserError(f"config.eval_resize={config.eval_resize!r}: use 'shorter' (resize the shorter "
+                    "side, centre crop) or 'squash' (the whole image to img_size x img_size).")
   if not training:
     return
   if config.distill.type not in ("none", "soft", "hard"):
@@ -561,7 +564,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def eval_batches():
     return pipeline.eval_iterator(
         config.dataset, img_size=config.img_size, batch_size=local_eval_batch,
-        crop_pct=config.crop_pct, process_index=pid, process_count=nproc)
+        crop_pct=config.crop_pct, process_index=pid, process_count=nproc,
+        resize=config.get("eval_resize", "shorter"))
 
   def run_eval(state: State, step: int) -> dict[str, float]:
     result = {}

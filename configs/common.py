@@ -100,6 +100,7 @@ def deit_recipe(model_name: str, *, drop_path_rate: float = 0.1) -> ml_collectio
   c.eval_batch_size = 256
   c.img_size = 224
   c.crop_pct = 0.875
+  c.eval_resize = "shorter"  # or "squash": the whole image to img_size x img_size, no crop
   c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators. Parameters stay float32.
   c.log_every = 50
   c.eval_every = 2500
@@ -357,8 +358,7 @@ def uninet_recipe(model_name: str, *, img_size: int) -> ml_collections.ConfigDic
   batch 1024, AdamW lr 5e-4 x 1024/512, wd 0.05, no drop path, no random erasing, mixup 0.8 /
   cutmix 1.0, no repeated augmentation, model EMA 0.99996 (they report the EMA's accuracy too).
   Evaluation as their datasets.py: below 320 px resize the shorter side to 256/224 of the size and
-  center-crop; from 320 px on they resize (squash) to size x size without a crop, which the input
-  pipeline does not do: crop_pct 1.0 (shorter side to the size, center crop) is the closest.
+  center-crop; from 320 px on resize (squash) to size x size without a crop (eval_resize="squash").
   Only B1's command is published; B0 and B2-B5 take it unchanged at the paper's resolutions.
   """
   c = deit_recipe(model_name, drop_path_rate=0.0)
@@ -389,10 +389,8 @@ def uninet_recipe(model_name: str, *, img_size: int) -> ml_collections.ConfigDic
   cite_defaults(c, main, "lr_scales", "weight_decay", "optimizer", "grad_clip",
                 "label_smoothing", "mixup", "cutmix", "randaugment")
   if img_size >= 320:
-    c.crop_pct = 1.0
-    depart(c, eval="the authors squash the image to size x size (no crop) from 320 px on; the "
-                   "input pipeline resizes the shorter side and center-crops, so crop_pct=1.0 "
-                   "keeps the same scale but crops the longer side")
+    c.crop_pct = 1.0  # unused when squashing
+    c.eval_resize = "squash"
   if model_name != "uninet_b1":
     cite(c, total_epochs=f"{run} (B1's command; none published for {model_name})",
          drop_path=f"{run} --drop-path 0.0 (B1's; none published for {model_name})",

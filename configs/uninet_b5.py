@@ -4,7 +4,7 @@ MLP", ECCV 2022; Sense-X/UniNet).
 ImageNet-1K from scratch at 384x384 with the authors' recipe (configs/common.py
 `uninet_recipe`: the authors publish only B1's command, used here unchanged): 300 epochs + 10
 at the minimum lr, global batch 1024, AdamW lr 1e-3, wd 0.05, mixup/cutmix, model EMA.
-Evaluation: the authors squash to size x size from 320 px; here crop_pct 1.0 (`departures`).
+Evaluation as the authors: the image squashed to size x size, no crop (`eval_resize="squash"`).
 Expected top-1: 84.9% (paper); 72.88M parameters, 20.2 GMACs.
 
   python train.py --config configs/uninet_b5.py --workdir runs/uninet_b5

@@ -363,16 +363,22 @@ def num_eval_batches(dataset_cfg: Any, *, batch_size: int, process_count: int = 
 
 
 def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct: float,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  process_index: int = 0, process_count: int = 1,
+                  resize: str = 'shorter') -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's slice of the eval split: {'image': float32 (B, img_size,
   img_size, 3), 'label': int32 (B,), 'mask': bool (B,)}, padded with mask False to exactly
-  `num_eval_batches(...)` batches."""
+  `num_eval_batches(...)` batches. `resize` (config.eval_resize): 'shorter' (the shorter side to
+  floor(img_size / crop_pct), then the centre crop: timm's) or 'squash' (the whole image to
+  img_size x img_size, no crop: UniNet's from 320 px)."""
   from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
   from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
   _check(batch_size=batch_size, process_index=process_index, process_count=process_count,
          img_size=img_size)
   if not 0 < crop_pct <= 1:
     raise UserError(f'crop_pct={crop_pct} must be in (0, 1] (timm: 0.875 for most models).')
+  if resize not in ('shorter', 'squash'):
+    raise UserError(f"eval_resize={resize!r}: use 'shorter' (resize the shorter side, centre crop) "
+                    "or 'squash' (the whole image to img_size x img_size).")
   mean, std = _mean_std(dataset_cfg)
   num_batches = num_eval_batches(dataset_cfg, batch_size=batch_size, process_count=process_count)
   shard = _shard(dataset_cfg, _field(dataset_cfg, 'eval_split'), process_index, process_count)
@@ -383,9 +389,9 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   def example(ref):
     if on_accelerator:
       return transforms.eval_example_for_accelerator(shard.load(ref), img_size=img_size,
-                                                     crop_pct=crop_pct, canvas=canvas)
+                                                     crop_pct=crop_pct, canvas=canvas, resize=resize)
     return {'image': transforms.eval_transform(shard.load(ref), img_size=img_size, crop_pct=crop_pct,
-                                               mean=mean, std=std)}
+                                               mean=mean, std=std, resize=resize)}
 
   blank = {'image': tf.zeros([img_size, img_size, 3])}
   if on_accelerator:

@@ -4,7 +4,9 @@ Train (timm `transforms_imagenet_train`): random-resized crop to img_size (bicub
 resize when that is off → horizontal flip → RandAugment, or color jitter when RandAugment is off (as
 in timm) → normalise → random erasing.
 Eval (timm `transforms_imagenet_eval`): resize the shorter side to floor(img_size / crop_pct)
-(bicubic, antialiased) → center crop img_size → normalise.
+(bicubic, antialiased) → center crop img_size → normalise; or, with resize 'squash' (UniNet's
+evaluation from 320 px on, torchvision `Resize((size, size))`), resize the whole image to
+img_size x img_size, aspect ratio not kept, without a crop → normalise.
 
 Inputs are encoded image bytes (decoded here; JPEGs with the crop fused into decoding, and with the
 accurate DCT as PIL) or already decoded uint8 (H, W, 3). Images stay uint8 until normalisation and are
@@ -173,13 +175,20 @@ def train_transform(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *, img_s
   return x
 
 
-def eval_window(shape: tf.Tensor, img_size: int, crop_pct: float):
+EVAL_RESIZES = ('shorter', 'squash')
+
+
+def eval_window(shape: tf.Tensor, img_size: int, crop_pct: float, resize: str = 'shorter'):
   """Where the eval transform reads: (box [top, left, height, width] of the input, scale (2,),
   translation (2,)) such that resampling the box with that scale and translation gives the centre
   img_size crop of the image resized to a shorter side of floor(img_size / crop_pct), the box being
-  every input pixel the bicubic kernel reaches plus a 2-pixel margin."""
-  scale_size = math.floor(img_size / crop_pct)
+  every input pixel the bicubic kernel reaches plus a 2-pixel margin. With resize 'squash': the
+  whole image, scaled to img_size x img_size (crop_pct unused)."""
   hw = tf.cast(shape[:2], tf.float64)
+  if resize == 'squash':
+    box = tf.concat([tf.zeros([2], tf.int32), tf.cast(shape[:2], tf.int32)], 0)
+    return box, tf.cast(img_size / hw, tf.float32), tf.zeros([2], tf.float32)
+  scale_size = math.floor(img_size / crop_pct)
   # torchvision Resize(int): the shorter side becomes scale_size, the longer int(scale_size * long / short).
   long_side = tf.floor(scale_size * tf.reduce_max(hw) / tf.reduce_min(hw))
   new_hw = tf.where(hw[0] <= hw[1], tf.stack([float(scale_size), long_side]),
@@ -196,11 +205,12 @@ def eval_window(shape: tf.Tensor, img_size: int, crop_pct: float):
   return box, tf.cast(scale, tf.float32), tf.cast(translation, tf.float32)
 
 
-def _in_eval_window(data: tf.Tensor, img_size: int, crop_pct: float, fn: Callable[..., Any]) -> Any:
+def _in_eval_window(data: tf.Tensor, img_size: int, crop_pct: float, fn: Callable[..., Any],
+                    resize: str = 'shorter') -> Any:
   """fn(decoded centre window of `data`, scale, translation) (see `eval_window`); JPEGs decode only
   the window."""
   def window(image, shape, crop_to_box):
-    box, scale, translation = eval_window(shape, img_size, crop_pct)
+    box, scale, translation = eval_window(shape, img_size, crop_pct, resize)
     return fn(crop_to_box(image, box), scale, translation)
 
   def crop(image, box):
@@ -220,11 +230,12 @@ def _in_eval_window(data: tf.Tensor, img_size: int, crop_pct: float, fn: Callabl
 
 
 def eval_transform(data: tf.Tensor, *, img_size: int, crop_pct: float, mean: Sequence[float],
-                   std: Sequence[float]) -> tf.Tensor:
-  """Encoded bytes or uint8 (H, W, 3) → resized, center-cropped, normalised float32
-  (img_size, img_size, 3). Only the centre window is decoded (JPEG) and resampled."""
+                   std: Sequence[float], resize: str = 'shorter') -> tf.Tensor:
+  """Encoded bytes or uint8 (H, W, 3) → resized, center-cropped (or squashed: `eval_window`),
+  normalised float32 (img_size, img_size, 3). Only the centre window is decoded (JPEG) and
+  resampled."""
   resized = _in_eval_window(data, img_size, crop_pct, lambda window, scale, translation: resize_float(
-      window, [img_size, img_size], scale, translation))
+      window, [img_size, img_size], scale, translation), resize)
   resized = tf.ensure_shape(resized, [img_size, img_size, 3])
   return tf.ensure_shape(_finish_eval(tuple(mean), tuple(std))(resized), [img_size, img_size, 3])
 
@@ -263,8 +274,8 @@ def train_example_for_accelerator(data: tf.Tensor, key: tf.Tensor, aug: TrainAug
   return example
 
 
-def eval_example_for_accelerator(data: tf.Tensor, *, img_size: int, crop_pct: float,
-                                 canvas: int) -> dict[str, tf.Tensor]:
+def eval_example_for_accelerator(data: tf.Tensor, *, img_size: int, crop_pct: float, canvas: int,
+                                 resize: str = 'shorter') -> dict[str, tf.Tensor]:
   """The host's part of `eval_transform`: the decoded centre window and its resampling."""
   return _in_eval_window(data, img_size, crop_pct, lambda window, scale, translation: _for_accelerator(
-      window, img_size, canvas, scale, translation))
+      window, img_size, canvas, scale, translation), resize)
