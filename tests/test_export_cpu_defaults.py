@@ -21,12 +21,15 @@ import compact_vit
 import jax, jax.numpy as jnp
 x, w = jnp.ones((512, 384)), jnp.ones((384, 1536))
 hlo = jax.jit(lambda x, w: x @ w).lower(x, w).compile().as_text()
-print(json.dumps({{"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in hlo}}))
+import sys
+loaded = [m for m in ("jax2onnx", "onnx", "onnxruntime", "tensorflow", "optax") if m in sys.modules]
+print(json.dumps({{"xla_flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in hlo,
+                  "loaded": loaded}}))
 """
 
 _CASES = {
     "jax_only": dict(before="import sys; sys.modules['compact_vit'] = object()"),
-    "plain_import": {},
+    "plain_import": dict(before="import compact_vit.models"),
     "opt_out": dict(env={OPT_OUT_ENV: "1"}),
     "user_flag": dict(env={"XLA_FLAGS": USER_FLAG}),
     "jax_started": dict(before="import jax; jax.numpy.ones(1).block_until_ready()"),
@@ -56,6 +59,7 @@ def test_plain_import_applies_the_cpu_settings(probes):
   assert probes["jax_only"]["xla_flags"] == ""
   assert not probes["plain_import"]["ynn"]
   assert probes["plain_import"]["xla_flags"].split() == list(CPU_XLA_FLAGS)
+  assert probes["plain_import"]["loaded"] == []  # the models load no export stack, TF or optax
 
 
 def test_opt_out_and_the_users_flag_win(probes):
