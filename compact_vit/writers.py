@@ -26,7 +26,8 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0,
-               flush_secs: float = 30.0, on_error: Callable[[], None] = lambda: None):
+               flush_secs: float = 30.0, on_error: Callable[[], None] = lambda: None,
+               tensorboard: bool = True):
     self.enabled = enabled
     self._on_error = on_error
     self.path = paths.join(workdir, "metrics.jsonl")
@@ -43,8 +44,9 @@ class MetricWriter:
       self._file = self._guard(lambda: open(self.path, "a"))
       self._lines = []
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard events are optional
       self._tb = None
 

@@ -189,8 +189,9 @@ def _mount(mount_point, options):
 def test_full_disk_during_a_save_stops_with_one_line_and_resumes_bit_identical(
     gcs, ref, data_dir, small_disk):
   """A real full file system: a tmpfs with room for one checkpoint and the logs, not two."""
-  checkpoint = sum(size for name, size in gcs.object_sizes("runs", "ref/checkpoints/4/").items())
-  _mount(small_disk, f"size={(checkpoint + 192 * 1024) // 4096 * 4096}")
+  checkpoint = sum(gcs.object_sizes("runs", "ref/checkpoints/12/").values())
+  assert checkpoint > 512 * 1024  # so that 256 KiB of slack holds the logs, not a checkpoint
+  _mount(small_disk, f"size={(checkpoint + 256 * 1024) // 4096 * 4096}")
   workdir = small_disk / "run"
   out = _run(_cmd("train.py", workdir, data_dir), gcs.url)
   assert out.returncode == 2, out.stderr[-3000:]
