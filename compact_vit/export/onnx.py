@@ -228,13 +228,14 @@ def predictions(sess, images: np.ndarray, batch: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-def quantize(export: Export, mode: str = "dynamic", *, calibration_batches: int = 4,
+def quantize(export: Export, mode: str = "dynamic", *, calibration_images: int = 64,
              threads: int = 2, rounds: int = 10,
              eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> Int8Report:
   """onnxruntime int8 quantization of `export`: 'dynamic' (int8 weights, activations quantized at
   run time: MatMul/Gemm become MatMulInteger) or 'static' (QDQ, activations calibrated on
-  `calibration_batches` batches of photos). Timed and compared with the float model on photos;
-  with `eval_set` (images, labels), also the top-1 accuracy of both on it."""
+  `calibration_images` photos, or on `eval_set`'s images when given). Timed and
+  compared with the float model on photos; with `eval_set` (images, labels), also the top-1
+  accuracy of both on it."""
   from onnxruntime import quantization as q  # pylint: disable=import-outside-toplevel
   if mode not in ("dynamic", "static"):
     raise UserError(f"int8 mode {mode!r}: use 'dynamic' or 'static'.")
@@ -247,7 +248,9 @@ def quantize(export: Export, mode: str = "dynamic", *, calibration_batches: int 
     if mode == "dynamic":
       q.quantize_dynamic(pre, dst, weight_type=q.QuantType.QInt8)
     else:
-      q.quantize_static(pre, dst, _PhotoReader(export, calibration_batches, batch, size),
+      count = max(calibration_images // batch, 1) * batch
+      calibration = eval_set[0][:count] if eval_set is not None else photo_batch(count, size)
+      q.quantize_static(pre, dst, _Reader(export, calibration, batch),
                         quant_format=q.QuantFormat.QDQ, per_channel=True,
                         activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
     import onnx  # pylint: disable=import-outside-toplevel
@@ -277,13 +280,13 @@ def _alternate(first, second, images: np.ndarray, rounds: int) -> tuple[float, f
   return float(np.median(a)), float(np.median(b))
 
 
-class _PhotoReader:
-  """onnxruntime's CalibrationDataReader protocol over batches of photo crops."""
+class _Reader:
+  """onnxruntime's CalibrationDataReader protocol over `images`, `batch` at a time."""
 
-  def __init__(self, export: Export, batches: int, batch: int, size: tuple[int, int]):
-    images = photo_batch(batches * batch, size)
+  def __init__(self, export: Export, images: np.ndarray, batch: int):
     name = session(export.proto).get_inputs()[0].name
-    self._feeds = iter([{name: images[i * batch:(i + 1) * batch]} for i in range(batches)])
+    self._feeds = iter([{name: images[i:i + batch]}
+                        for i in range(0, len(images) - batch + 1, batch)])
 
   def get_next(self):
     return next(self._feeds, None)
