@@ -53,15 +53,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from compact_vit.data.settings import CANVAS_MIN_SIDE, resolve_on_accelerator
+from compact_vit.data.settings import CANVAS_MIN_SIDE, LOST_MARK, resolve_on_accelerator
 from compact_vit.errors import UserError
 from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
                  cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=None,
                  canvas_min_side=CANVAS_MIN_SIDE, max_skipped=0.001)
-# Names a record a damaged TFRecord file could not deliver (`sources.TfdsDataset.shard`).
-LOST_MARK = ' (truncated or corrupt file): lost record '
 # The name of a record that a source could not deliver at all (see `_epoch_padding`).
 _MISSING = '(a record missing from the slice; named above)'
 

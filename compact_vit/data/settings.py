@@ -13,6 +13,9 @@ from compact_vit.errors import UserError
 # max(2 img_size, this); 640 holds ImageNet's usual photos (longer side 500) and most larger crops
 # whole at 224 (`accelerator.canvas_size`).
 CANVAS_MIN_SIDE = 640
+# Names a record a damaged TFRecord file could not deliver: FILE + LOST_MARK + its count in that
+# file (`sources.TfdsDataset.shard`; `pipeline.Batches` names the file once).
+LOST_MARK = ' (truncated or corrupt file): lost record '
 LEVEL_DENOM = 10.  # timm: magnitude M is an op's fraction M / 10 of its full strength.
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from compact_vit.data import transforms
 from compact_vit.data._tf import tf, tfds
-from compact_vit.data.pipeline import LOST_MARK  # A damaged file's lost records: FILE + LOST_MARK + count.
+from compact_vit.data.settings import LOST_MARK  # A damaged file's lost records: FILE + LOST_MARK + count.
 from compact_vit.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
