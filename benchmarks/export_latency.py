@@ -67,6 +67,12 @@ def timm_pair(name: str, batch: int):
   return model, variables, buffer.getvalue()
 
 
+# With random weights a token reducer's keep scores nearly tie, and float rounding may keep a
+# different token in onnxruntime than in XLA (DynamicViT-S: 2e-4 relative): the reducers' exports
+# are checked at this tolerance here; timing does not depend on the values.
+REDUCER_RTOL = 1e-2
+
+
 def our_export(name: str, batch: int, variables=None):
   """(model, variables, Export) of our `name` at `batch` (random variables unless given)."""
   from compact_vit import export, profile  # pylint: disable=import-outside-toplevel
@@ -74,7 +80,9 @@ def our_export(name: str, batch: int, variables=None):
   model = create_model(name)
   if variables is None:
     variables = profile.random_variables(model, (1, model.img_size, model.img_size, 3))
-  return model, variables, export.to_onnx(model, variables, batch=batch, model_name=name)
+  rtol = REDUCER_RTOL if name in REDUCERS else export.PARITY_RTOL
+  return model, variables, export.to_onnx(model, variables, batch=batch, model_name=name,
+                                          rtol=rtol)
 
 
 def alternate(sessions: dict, feeds: dict, rounds: int, calls: int) -> dict[str, list[float]]:
