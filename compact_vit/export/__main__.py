@@ -37,6 +37,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--int8-even-if-slower", action="store_true",
                       help="write the int8 model even when it runs slower than the float one")
   parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the timing")
+  parser.add_argument("--rtol", type=float, default=1e-4,
+                      help="largest relative logit difference the check accepts (default 1e-4)")
   parser.add_argument("--out", required=True, help="output .onnx file")
   return parser.parse_args(argv)
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from compact_vit.nn.layers import to_pair
     batch = _batch(args.batch)
     name, model, variables, source = load(args)
-    export = ex.to_onnx(model, variables, batch=batch, model_name=name)
+    export = ex.to_onnx(model, variables, batch=batch, model_name=name, rtol=args.rtol)
     shape = (1, *to_pair(model.img_size), 3)
     timing_batch = export.check_batch
     images = ex.photo_batch(timing_batch, model.img_size)
