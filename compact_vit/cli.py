@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -28,6 +29,15 @@ def define_distributed_flags() -> None:
                       "automatically on Cloud TPU and under SLURM).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the run.")
   flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+  flags.DEFINE_integer("heartbeat_timeout", HEARTBEAT_TIMEOUT_S,
+                       "Seconds without a heartbeat after which the distributed runtime declares a "
+                       "process lost (multi-host runs).")
+
+
+# A process that dies is noticed at once by the others when its collectives' TCP connections close
+# (a killed process, a crashed host OS), and otherwise (a host that loses power or network) by the
+# distributed runtime after this many seconds without a heartbeat. Either way the survivors exit.
+HEARTBEAT_TIMEOUT_S = 60
 
 
 def _cluster_detected() -> bool:
@@ -54,9 +64,42 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
   if not any(given) and not _cluster_detected():
     return
   import jax
+  from absl import flags
   if all(given) and not 0 <= process_id < num_processes:
     raise UserError(f"--process_id={process_id} must be in 0 .. {num_processes - 1}.")
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  timeout = flags.FLAGS["heartbeat_timeout"].value if "heartbeat_timeout" in flags.FLAGS else (
+      HEARTBEAT_TIMEOUT_S)
+  if timeout < 1:
+    raise UserError(f"--heartbeat_timeout={timeout} must be at least 1 second.")
+  # The shutdown barrier keeps JAX's default (300 s): processes may finish their last writes some
+  # time apart; a lost process never reaches it, as `run_guarded` exits without it.
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             heartbeat_timeout_seconds=timeout)
+
+
+# What a collective or the distributed runtime raises when another process has gone away.
+_LOST_PEER = re.compile(r"Gloo|closed by peer|reset by peer|heartbeat timeout|stopped sending heartbeats|"
+                        r"leader task", re.IGNORECASE)
+
+
+def lost_process_message(error: BaseException) -> str | None:
+  """One line for an error that says another process of a multi-process run is gone, naming it
+  where the run has two processes (else the peer address the error gives); None for other errors."""
+  if not _LOST_PEER.search(str(error)):
+    return None
+  import jax
+  if jax.process_count() < 2:
+    return None
+  if jax.process_count() == 2:
+    who = f"process {1 - jax.process_index()} of 2"
+  else:
+    peer = re.search(r"\[([^\]]+)\]:(\d+)", str(error))
+    who = f"the process at {peer[1]}:{peer[2]}" if peer else "another process"
+  cause = re.search(r"[^:;]*(Gloo|closed by peer|reset by peer|heartbeat)[^;]*", str(error))
+  first = (cause[0] if cause else str(error).strip().splitlines()[0]).strip()[:300]
+  return (f"lost {who} (process {jax.process_index()} could not reach it: {first}). Nothing was "
+          "saved after the last checkpoint; restart every process with the same command to resume "
+          "from it.")
 
 
 def quiet_logs() -> None:
@@ -90,9 +133,18 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_guarded(fn: Callable[[], object]) -> None:
-  """Runs `fn`; a UserError becomes one line on stderr and exit status 2, with no traceback."""
+  """Runs `fn`; a UserError becomes one line on stderr and exit status 2, with no traceback. In a
+  multi-process run, losing another process becomes one line naming it and exit status 3 at once,
+  without the shutdown barrier (which would wait for the lost process)."""
   try:
     fn()
-  except UserError as e:
+  except Exception as e:  # pylint: disable=broad-except
+    message = lost_process_message(e)  # also when a failed save reports it as a UserError
+    if message is not None:
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(3)  # pylint: disable=protected-access
+    if not isinstance(e, UserError):
+      raise
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
