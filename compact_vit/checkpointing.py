@@ -61,7 +61,7 @@ def save_variables(directory: str, variables: Mapping[str, Any], model_name: str
   directory = paths.absolute(paths.check_path(directory, "Output directory"))
   paths.makedirs(directory)
   tree = jax.tree.map(np.asarray, dict(variables))
-  ckptr = ocp.StandardCheckpointer()
+  ckptr = process_local_checkpointer()
   ckptr.save(paths.join(directory, "variables"), tree, force=True)
   ckptr.wait_until_finished()
   paths.write_text(paths.join(directory, "model.json"),
@@ -78,8 +78,20 @@ def load_variables(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
         f"{directory} is not a converted checkpoint (no model.json). Create one with "
         "`python -m compact_vit.convert --model NAME --checkpoint FILE --out DIR`.")
   meta = json.loads(paths.read_text(meta_path))
-  tree = ocp.StandardCheckpointer().restore(paths.join(directory, "variables"))
+  with process_local_checkpointer() as checkpointer:
+    tree = checkpointer.restore(paths.join(directory, "variables"))
   return jax.tree.map(np.asarray, tree), meta
+
+
+def process_local_checkpointer() -> ocp.StandardCheckpointer:
+  """An Orbax checkpointer that involves this process only. A default one runs collectives across
+  every process of a multi-process run at each save and restore (barriers; a restore all-gathers
+  across processes), so a process reading or writing variables that the others do not (a
+  converted-weights cache filled by process 0, a cache hit on one host and a miss on another)
+  waited for ever (tests/test_faults_multihost.py)."""
+  pid = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"process_{pid}"))
 
 
 def params_sha256(params: Mapping[str, Any]) -> str:
