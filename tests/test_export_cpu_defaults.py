@@ -55,7 +55,7 @@ def probes() -> dict:
 
 
 def test_plain_import_applies_the_cpu_settings(probes):
-  assert probes["jax_only"]["ynn"], "jaxlib's default no longer uses YNNPACK: the probe tests nothing"
+  assert probes["jax_only"]["ynn"], "jaxlib no longer uses YNNPACK here: the probe tests nothing"
   assert probes["jax_only"]["xla_flags"] == ""
   assert not probes["plain_import"]["ynn"]
   assert probes["plain_import"]["xla_flags"].split() == list(CPU_XLA_FLAGS)
