@@ -210,24 +210,19 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
-  def example(ref, key):
-    if on_accelerator:
-      return transforms.train_example_for_accelerator(shard.load(ref), key, aug, img_size=img_size,
-                                                      canvas=canvas)
-    return {'image': transforms.train_transform(shard.load(ref), key, aug, img_size=img_size,
-                                                mean=mean, std=std)}
-
-  if on_accelerator:
-    fallback = {'image': tf.zeros([0, 0, 3], tf.uint8), 'size': tf.zeros([2], tf.int32),
-                'scale': tf.ones([2]), 'translation': tf.zeros([2]), 'aug_key': tf.zeros([2], tf.uint32)}
-  else:
-    fallback = {'image': tf.zeros([img_size, img_size, 3])}
-  guarded_example = transforms.guarded(example, fallback)
+  # Only reading and decoding can fail on bad data: they are guarded, the rest runs as usual (on a
+  # 1x1 stand-in crop for an unreadable example, whose row `_fill_skipped_rows` then replaces).
+  crop = transforms.guarded(lambda ref, key: transforms.train_crop(shard.load(ref), key, aug),
+                            tf.zeros([1, 1, 3], tf.uint8))
 
   def preprocess(key, i, record):
     ref, label, name = record
     key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
-    out, ok = guarded_example(ref, key)
+    image, ok = crop(ref, key)
+    if on_accelerator:
+      out = transforms.accelerator_train_example(image, key, img_size=img_size, canvas=canvas)
+    else:
+      out = {'image': transforms.train_finish(image, key, aug, img_size=img_size, mean=mean, std=std)}
     return {**out, 'label': label, **_outcome(ok, name)}
 
   # One pipeline for all epochs, so the augmentation graph is instantiated once.
@@ -384,21 +379,23 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
-  def example(ref):
-    if on_accelerator:
-      return transforms.eval_example_for_accelerator(shard.load(ref), img_size=img_size,
-                                                     crop_pct=crop_pct, canvas=canvas, resize=resize)
-    return {'image': transforms.eval_transform(shard.load(ref), img_size=img_size, crop_pct=crop_pct,
-                                               mean=mean, std=std, resize=resize)}
+  crop = transforms.guarded(
+      lambda ref: transforms.eval_crop(shard.load(ref), img_size=img_size, crop_pct=crop_pct,
+                                       resize=resize),
+      (tf.zeros([1, 1, 3], tf.uint8), tf.ones([2]), tf.zeros([2])))  # Guarded as in training.
 
   blank = {'image': tf.zeros([img_size, img_size, 3])}
   if on_accelerator:
     blank = {'image': tf.zeros([img_size, img_size, 3], tf.uint8), 'size': tf.constant([img_size] * 2),
              'scale': tf.ones([2]), 'translation': tf.zeros([2])}
-  guarded_example = transforms.guarded(example, blank)
-
   def preprocess(ref, label, name):
-    out, ok = guarded_example(ref)
+    (window, scale, translation), ok = crop(ref)
+    if on_accelerator:
+      out = transforms.accelerator_eval_example(window, scale, translation, img_size=img_size,
+                                                canvas=canvas)
+    else:
+      out = {'image': transforms.eval_finish(window, scale, translation, img_size=img_size, mean=mean,
+                                             std=std)}
     outcome = _outcome(ok, name)
     return {**out, 'label': label, 'mask': tf.logical_not(outcome['skipped']), **outcome}
 

@@ -162,11 +162,22 @@ def _finish_eval(mean: tuple[float, ...], std: tuple[float, ...]):
 def train_transform(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *, img_size: int,
                     mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """Encoded bytes or uint8 (H, W, 3) → augmented, normalised float32 (img_size, img_size, 3)."""
-  k_crop, k_flip, k_color, k_erase = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+  return train_finish(train_crop(data, key, aug), key, aug, img_size=img_size, mean=mean, std=std)
+
+
+def train_crop(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment) -> tf.Tensor:
+  """The decoding part of `train_transform` (the only part bad data can fail): the decoded random
+  resized crop (or whole image), uint8."""
+  k_crop = tf.random.experimental.stateless_split(key, 4)[0]
   if aug.random_resized_crop:
-    image = decode_and_crop(data, lambda s: random_resized_crop_box(s, k_crop, aug.scale, aug.ratio))
-  else:
-    image = decode(data)
+    return decode_and_crop(data, lambda s: random_resized_crop_box(s, k_crop, aug.scale, aug.ratio))
+  return decode(data)
+
+
+def train_finish(image: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *, img_size: int,
+                 mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """The rest of `train_transform`, from the decoded crop."""
+  _, k_flip, k_color, k_erase = tf.unstack(tf.random.experimental.stateless_split(key, 4))
   resized = tf.ensure_shape(resize_float(image, [img_size, img_size]), [img_size, img_size, 3])
   finish = _finish_train(aug, img_size, tuple(mean), tuple(std))
   x = tf.ensure_shape(finish(resized, k_flip, k_color), [img_size, img_size, 3])
@@ -234,9 +245,22 @@ def eval_transform(data: tf.Tensor, *, img_size: int, crop_pct: float, mean: Seq
   """Encoded bytes or uint8 (H, W, 3) → resized, center-cropped (or squashed: `eval_window`),
   normalised float32 (img_size, img_size, 3). Only the centre window is decoded (JPEG) and
   resampled."""
-  resized = _in_eval_window(data, img_size, crop_pct, lambda window, scale, translation: resize_float(
-      window, [img_size, img_size], scale, translation), resize)
-  resized = tf.ensure_shape(resized, [img_size, img_size, 3])
+  return eval_finish(*eval_crop(data, img_size=img_size, crop_pct=crop_pct, resize=resize),
+                     img_size=img_size, mean=mean, std=std)
+
+
+def eval_crop(data: tf.Tensor, *, img_size: int, crop_pct: float,
+              resize: str = 'shorter') -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The decoding part of `eval_transform` (the only part bad data can fail): (the decoded window,
+  scale, translation), see `eval_window`."""
+  return _in_eval_window(data, img_size, crop_pct, lambda *window: window, resize)
+
+
+def eval_finish(window: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor, *, img_size: int,
+                mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """The rest of `eval_transform`, from `eval_crop`'s output."""
+  resized = tf.ensure_shape(resize_float(window, [img_size, img_size], scale, translation),
+                            [img_size, img_size, 3])
   return tf.ensure_shape(_finish_eval(tuple(mean), tuple(std))(resized), [img_size, img_size, 3])
 
 
@@ -264,11 +288,13 @@ def train_example_for_accelerator(data: tf.Tensor, key: tf.Tensor, aug: TrainAug
                                   img_size: int, canvas: int) -> dict[str, tf.Tensor]:
   """The host's part of `train_transform` (decode, random resized crop) with the key the
   accelerator draws flip, RandAugment and erasing from ('aug_key', uint32 (2,))."""
-  k_crop, _, k_color, _ = tf.unstack(tf.random.experimental.stateless_split(key, 4))
-  if aug.random_resized_crop:
-    image = decode_and_crop(data, lambda s: random_resized_crop_box(s, k_crop, aug.scale, aug.ratio))
-  else:
-    image = decode(data)
+  return accelerator_train_example(train_crop(data, key, aug), key, img_size=img_size, canvas=canvas)
+
+
+def accelerator_train_example(image: tf.Tensor, key: tf.Tensor, *, img_size: int,
+                              canvas: int) -> dict[str, tf.Tensor]:
+  """`train_example_for_accelerator` from the decoded crop (`train_crop`)."""
+  k_color = tf.random.experimental.stateless_split(key, 4)[2]
   example = _for_accelerator(image, img_size, canvas)
   example['aug_key'] = tf.random.stateless_uniform([2], k_color, None, None, tf.uint32)
   return example
@@ -277,5 +303,11 @@ def train_example_for_accelerator(data: tf.Tensor, key: tf.Tensor, aug: TrainAug
 def eval_example_for_accelerator(data: tf.Tensor, *, img_size: int, crop_pct: float, canvas: int,
                                  resize: str = 'shorter') -> dict[str, tf.Tensor]:
   """The host's part of `eval_transform`: the decoded centre window and its resampling."""
-  return _in_eval_window(data, img_size, crop_pct, lambda window, scale, translation: _for_accelerator(
-      window, img_size, canvas, scale, translation), resize)
+  return accelerator_eval_example(*eval_crop(data, img_size=img_size, crop_pct=crop_pct,
+                                             resize=resize), img_size=img_size, canvas=canvas)
+
+
+def accelerator_eval_example(window: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor, *,
+                             img_size: int, canvas: int) -> dict[str, tf.Tensor]:
+  """`eval_example_for_accelerator` from `eval_crop`'s output."""
+  return _for_accelerator(window, img_size, canvas, scale, translation)
