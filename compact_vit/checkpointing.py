@@ -198,7 +198,10 @@ class TrainCheckpointer:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       self._errors.errors.append(e)
-    failed = self._errors.errors[:1] or [None]
+    # Several of the save's threads may fail; the first that names a cause is the one to report.
+    errors = self._errors.errors
+    failed = [e for e in errors if not paths.describe_error(e).startswith(type(e).__name__)]
+    failed = failed[:1] or errors[:1] or [None]
     self._errors.active = False
     if failed[0] is not None or step not in self._manager.all_steps():
       self._raise_failed(step, failed[0])
