@@ -162,6 +162,7 @@ def _fake_cudnn(monkeypatch):
 
 
 def test_cudnn_attention_matches_the_naive_reference(monkeypatch):
+  # Everything jitted: op by op, bfloat16 on the CPU compiles every operation alone (minutes).
   calls = _fake_cudnn(monkeypatch)
   attn = Attention(num_heads=4, dtype=jnp.bfloat16, implementation="cudnn")
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, 9, 32)))
@@ -169,7 +170,7 @@ def test_cudnn_attention_matches_the_naive_reference(monkeypatch):
   params = jax.tree.map(
       lambda s: 0.3 * np.random.default_rng(0).standard_normal(s.shape, np.float32), shapes)
   calls.clear()
-  out = np.asarray(attn.apply({"params": params}, x), np.float32)
+  out = np.asarray(jax.jit(attn.apply)({"params": params}, x), np.float32)
   assert calls == [((2, 9, 4, 8), jnp.bfloat16, "cudnn")]  # (B, N, heads, head_dim) layout
   for b in range(2):  # bfloat16 compute against a float32 reference: 2% of the output scale
     ref = _naive_attention(params, x[b], 4)
@@ -179,9 +180,9 @@ def test_cudnn_attention_matches_the_naive_reference(monkeypatch):
   model = create_model("deit_tiny_patch16_224", **dict(SMALL, embed_dim=64), dtype=jnp.bfloat16)
   fused = model.clone(attention="cudnn")
   variables, images = init(model)
-  np.testing.assert_allclose(fused.apply(variables, images), model.apply(variables, images),
-                             atol=0.05)
-  grads = jax.grad(lambda p: fused.apply({"params": p}, images, train=True).sum())(
+  np.testing.assert_allclose(jax.jit(fused.apply)(variables, images),
+                             jax.jit(model.apply)(variables, images), atol=0.05)
+  grads = jax.jit(jax.grad(lambda p: fused.apply({"params": p}, images, train=True).sum()))(
       variables["params"])
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
