@@ -210,7 +210,7 @@ def test_train_and_eval_report_skipped_examples(folder, tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
   run = lambda script: subprocess.run(
       [sys.executable, script, '--config', 'configs/deit_s.py:quick', '--workdir', str(tmp_path), *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+      cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
   out = run('train.py')
   assert out.returncode == 0, out.stderr[-3000:]
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
