@@ -5,6 +5,7 @@ directory that `compact_vit.checkpointing.load_variables` reads (and `config.ini
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from compact_vit.checkpointing import save_variables
@@ -12,7 +13,7 @@ from compact_vit.convert import load_pytorch_state_dict, read_state_dict
 from compact_vit.convert.hub import checkpoint_file
 from compact_vit.convert.published import default_spec
 from compact_vit.errors import UserError
-from compact_vit.paths import check_workdir
+from compact_vit.paths import check_workdir, is_remote
 from compact_vit.profile import count_params
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   overrides = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size))
                if v is not None}
+  created = not is_remote(args.out) and not os.path.exists(args.out)
   try:
     check_workdir(args.out)  # a bad path or bucket fails before the download
     checkpoint = args.checkpoint or default_spec(args.model)
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                                         **overrides)
     out = save_variables(args.out, variables, args.model, overrides)
   except UserError as e:
+    if created and os.path.isdir(args.out) and not os.listdir(args.out):
+      os.rmdir(args.out)  # the preflight made it; a failed conversion leaves nothing behind
     print(f"error: {e}", file=sys.stderr)
     return 1
   num_params = count_params(variables["params"])
