@@ -10,6 +10,21 @@ from compact_vit import paths
 from compact_vit.errors import UserError
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch whenever
+  it is installed (2 s of every run's start on a 2-core machine, and PyTorch beside TensorFlow in
+  one process is fragile), only to accept torch tensors, which a JAX run never passes."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is here
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """`{"step": s, **metrics}` lines in WORKDIR/metrics.jsonl, and TensorBoard scalars.
 
@@ -45,8 +60,7 @@ class MetricWriter:
       self._lines = []
     try:
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+        self._tb = _summary_writer()(paths.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard events are optional
       self._tb = None
 

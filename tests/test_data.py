@@ -18,11 +18,6 @@ from compact_vit.errors import UserError
 IMG = 16  # Small output size keeps the tests fast.
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def dataset_cfg(data_dir, **overrides):
   cfg = dict(name='digits', data_dir=data_dir, train_split='train', eval_split='test',
              shuffle_buffer=2000, cache=False, mean=pipeline.IMAGENET_MEAN, std=pipeline.IMAGENET_STD)

@@ -154,11 +154,6 @@ def test_banded_resampling_equals_the_whole_matrix():
     np.testing.assert_allclose(banded[2], canvas[2, :out, :out], atol=1e-3)  # scale 1: itself.
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def dataset_cfg(data_dir, on_accelerator):
   return ml_collections.ConfigDict(dict(name='digits', data_dir=data_dir, train_split='train',
                                         eval_split='test', shuffle_buffer=500,

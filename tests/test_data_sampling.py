@@ -99,11 +99,6 @@ def test_config_and_auto_replicas():
       sampling.RepeatedAug.from_config(cfg(**bad), batch_size=32, process_count=2)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def dataset_cfg(data_dir, **overrides):
   cfg = dict(name='digits', data_dir=data_dir, train_split='train', eval_split='test',
              shuffle_buffer=200, cache=True)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +55,7 @@ def _kill_after_checkpoint(procs, workdir, victim, after_step):
   return survivor.returncode, out, err, time.time() - killed
 
 
-def test_lost_process_ends_the_survivor_and_a_relaunch_resumes_exactly(tmp_path):
-  from compact_vit.data import pipeline
-  data_dir = str(tmp_path / "tfds")
-  pipeline.get_info(ml_collections.ConfigDict({"name": "digits", "data_dir": data_dir,
-                                                "eval_split": "test"}))
+def test_lost_process_ends_the_survivor_and_a_relaunch_resumes_exactly(tmp_path, data_dir):
   reference = _start(tmp_path / "one", data_dir, "--config.input_shards=2", devices=2)
   workdir = tmp_path / "two"
 

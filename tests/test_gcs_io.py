@@ -144,12 +144,12 @@ def test_hub_weights_converted_once_into_a_bucket_cache_by_process_0(
                                 tiny_weights["pos_embed"].numpy())
 
 
-def test_two_point_sweep_in_a_bucket(gcs, tmp_path):
+def test_two_point_sweep_in_a_bucket(gcs, data_dir):
   """Both points train in the bucket; results.csv/md/png and commands.sh are written there."""
   workdir = "gs://iotest/sweep"
   tiny = ["--config.model.depth=1", "--config.model.embed_dim=32", "--config.model.num_heads=2",
           "--config.batch_size=16", "--config.total_steps=2", "--config.log_every=1",
-          "--config.eval_every=2", f"--config.dataset.data_dir={tmp_path / 'tfds'}"]
+          "--config.eval_every=2", f"--config.dataset.data_dir={data_dir}"]
   env = gcs_server.client_env(gcs.url, dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   base = [sys.executable, "-m", "compact_vit.sweep", "--config", "configs/deit_s.py:quick",
           "--workdir", workdir, "--sweep", "seed=0,1", *tiny]

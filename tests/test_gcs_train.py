@@ -18,8 +18,6 @@ import pytest
 
 import gcs_server
 
-pytestmark = pytest.mark.xdist_group("gcs_train")  # with --dist loadgroup: one reference run
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "configs/deit_s.py:quick"
 # A tiny model and few steps: the run's I/O is what is tested.
@@ -37,11 +35,6 @@ def gcs():
   gcs_server.use_in_process(server.url)
   server.create_bucket("runs")
   return server
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
 
 
 def _cmd(script, workdir, data_dir, *flags):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny DeiT on digits with a constant learning rate (min_lr = lr, no warmup), so runs of different
@@ -41,11 +40,7 @@ def _records(workdir):
     return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def test_two_processes_match_one_process_and_stop_together(tmp_path):
-  from compact_vit.data import pipeline
-  data_dir = str(tmp_path / "tfds")
-  pipeline.get_info(ml_collections.ConfigDict({"name": "digits", "data_dir": data_dir,
-                                                "eval_split": "test"}))
+def test_two_processes_match_one_process_and_stop_together(tmp_path, data_dir):
 
   # One process, two devices, reading the input as two slices: the global batches of two hosts.
   one = _start(tmp_path / "one", data_dir, "--config.total_steps=6", "--config.input_shards=2",

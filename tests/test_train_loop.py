@@ -19,11 +19,6 @@ SHORT = ["--config.total_steps=24", "--config.log_every=4", "--config.eval_every
          "--config.checkpoint_every=8"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _env(**extra):
   env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
   env.update(extra)

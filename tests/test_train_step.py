@@ -1,5 +1,9 @@
 """Train-step pieces on fake data (no TensorFlow): losses, mixing, optimizer, one update."""
 import functools
+import importlib.util
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -284,3 +288,17 @@ def test_accelerator_inputs_follow_the_config(monkeypatch):
   train_fn, eval_fn = trainer.accelerator_inputs(config)
   assert train_fn.keywords["img_size"] == eval_fn.keywords["img_size"] == config.img_size
   assert train_fn.keywords["mean"] == tuple(config.dataset.mean)
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch when it is installed (as here, for the parity tests); a run's
+  writer does not (a fresh interpreter, since this one may have imported torch already)."""
+  assert importlib.util.find_spec("torch") is not None  # requirements-test.txt installs it
+  code = ("import sys, glob; from compact_vit import writers;"
+          f"w = writers.MetricWriter({str(tmp_path)!r}); w.write(1, {{'train/loss': 2.5}}); w.close();"
+          f"print('torch' in sys.modules, len(glob.glob({str(tmp_path / 'tensorboard' / '*')!r})));"
+          "import torch; print(torch.ones(2).sum().item())")  # torch itself still imports after
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                           os.path.abspath(__file__)))))
+  assert out.stdout.split() == ["False", "1", "2.0"], out.stderr[-2000:]
