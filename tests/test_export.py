@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,6 +65,18 @@ def test_small_config_runs_in_onnxruntime_like_apply(name):
   images = random_images(2, layers.to_pair(model.img_size)[0], seed=1)  # not the check's photos
   got = export.onnx.run(export.session(exported.proto), images)
   assert rel_err(got, _apply(model, variables, images)) <= RTOL
+
+
+def test_export_leaves_jax_numpy_as_it_was():
+  """jax2onnx replaces jnp.cumsum for the whole process when its lowerings load, by a version that
+  refuses an axis given by position (the on-accelerator RandAugment's `jnp.cumsum(hist, -1)` then
+  failed in any process that had exported a model). ATS's sampling, which uses jnp.cumsum, still
+  exports; afterwards jnp.cumsum is jax's own again."""
+  cumsum = jnp.cumsum
+  model, variables = _model("ats_deit_s", SMALL["ats_deit_s"])
+  assert export.to_onnx(model, variables, batch=2, model_name="ats_deit_s").max_rel_err <= RTOL
+  assert jnp.cumsum is cumsum
+  np.testing.assert_array_equal(jnp.cumsum(jnp.arange(6).reshape(2, 3), -1), [[0, 1, 3], [3, 7, 12]])
 
 
 @pytest.mark.parametrize("name", ["deit_small_patch16_224", "efficientformer_l1"])

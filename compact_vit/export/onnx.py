@@ -31,6 +31,11 @@ from compact_vit.nn.layers import export_forms, to_pair
 
 PARITY_RTOL = 1e-4  # max |onnx - apply| / max |apply| of the logits
 DYNAMIC = "dynamic"
+# jax.numpy as it is before jax2onnx is imported (only lazily, below): jax2onnx 0.12 replaces some
+# of its functions when its lowerings load (jnp.cumsum, by one that refuses `jnp.cumsum(x, -1)`),
+# for the whole process. They are put back at once and used only while a conversion runs.
+_JNP = dict(vars(jnp))
+_JNP_LOWERINGS: dict[str, Any] = {}
 
 
 class ExportError(UserError):
@@ -149,13 +154,35 @@ def _load_plugins() -> None:
           pathlib.Path(root, tree), f"jax2onnx.plugins.{tree}")
   finally:
     quiet.setLevel(level)
+    _restore_jax_numpy()
   plugin_system._already_imported_plugins = True  # pylint: disable=protected-access
+
+
+def _restore_jax_numpy() -> None:
+  """Puts back the jax.numpy functions jax2onnx replaced, keeping its versions for `_convert`."""
+  for name, value in list(vars(jnp).items()):
+    if name in _JNP and value is not _JNP[name]:
+      _JNP_LOWERINGS[name] = value
+      setattr(jnp, name, _JNP[name])
+
+
+@contextlib.contextmanager
+def _jax2onnx_numpy():
+  """jax2onnx's replacements of jax.numpy functions, in place while a conversion runs."""
+  for name, value in _JNP_LOWERINGS.items():
+    setattr(jnp, name, value)
+  try:
+    yield
+  finally:
+    for name in _JNP_LOWERINGS:
+      setattr(jnp, name, _JNP[name])
 
 
 def _convert(fn, input_shape: tuple[int | str, ...], name: str):
   """jax2onnx of `fn` under the export forms; failures as ExportError naming what failed."""
   from jax2onnx import to_onnx as j2o  # pylint: disable=import-outside-toplevel
   _load_plugins()
+  _restore_jax_numpy()  # in case jax2onnx's lowerings were loaded by someone else
   from jax2onnx.converter import ir_optimizations  # pylint: disable=import-outside-toplevel
   chatter = io.StringIO()  # jax2onnx 0.12 prints debugging lines from its Flax Conv lowering
   try:
@@ -163,7 +190,7 @@ def _convert(fn, input_shape: tuple[int | str, ...], name: str):
     # NCHW to NHWC (onnxruntime refuses the graph); onnxruntime's own transpose optimizer does
     # that work, so the pass is skipped.
     with export_forms(), contextlib.redirect_stdout(chatter), unittest.mock.patch.object(
-        ir_optimizations, "remove_redundant_transpose_pairs_ir", lambda graph: None):
+        ir_optimizations, "remove_redundant_transpose_pairs_ir", lambda graph: None), _jax2onnx_numpy():
       return j2o(fn, [input_shape], model_name=re.sub(r"\W", "_", name), opset=21)
   except Exception as e:  # pylint: disable=broad-except  # jax2onnx raises many types
     raise ExportError(f"{name} cannot be exported to ONNX: {_why(e)}") from e
