@@ -6,6 +6,7 @@ JAX is imported, so xdist's workers and every `train.py` / `eval.py` the tests s
 the many runs that compile the same small model compile it once. It starts empty each session, so
 first compilations are tested too, and is removed at the end. A cache you set yourself is used."""
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -14,8 +15,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="compact_vit_tests_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, True)  # in the process that made it: pytest's main one
-
-import fcntl  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

@@ -154,7 +154,6 @@ def _load_plugins() -> None:
           pathlib.Path(root, tree), f"jax2onnx.plugins.{tree}")
   finally:
     quiet.setLevel(level)
-    _restore_jax_numpy()
   plugin_system._already_imported_plugins = True  # pylint: disable=protected-access
 
 
@@ -182,15 +181,16 @@ def _convert(fn, input_shape: tuple[int | str, ...], name: str):
   """jax2onnx of `fn` under the export forms; failures as ExportError naming what failed."""
   from jax2onnx import to_onnx as j2o  # pylint: disable=import-outside-toplevel
   _load_plugins()
-  _restore_jax_numpy()  # in case jax2onnx's lowerings were loaded by someone else
+  _restore_jax_numpy()  # after jax2onnx's lowerings load, here or elsewhere
   from jax2onnx.converter import ir_optimizations  # pylint: disable=import-outside-toplevel
   chatter = io.StringIO()  # jax2onnx 0.12 prints debugging lines from its Flax Conv lowering
   try:
     # jax2onnx 0.12.5's removal of transpose pairs leaves ResNet-50's identity blocks adding
     # NCHW to NHWC (onnxruntime refuses the graph); onnxruntime's own transpose optimizer does
     # that work, so the pass is skipped.
-    with export_forms(), contextlib.redirect_stdout(chatter), unittest.mock.patch.object(
-        ir_optimizations, "remove_redundant_transpose_pairs_ir", lambda graph: None), _jax2onnx_numpy():
+    with export_forms(), contextlib.redirect_stdout(chatter), _jax2onnx_numpy(), \
+        unittest.mock.patch.object(
+            ir_optimizations, "remove_redundant_transpose_pairs_ir", lambda graph: None):
       return j2o(fn, [input_shape], model_name=re.sub(r"\W", "_", name), opset=21)
   except Exception as e:  # pylint: disable=broad-except  # jax2onnx raises many types
     raise ExportError(f"{name} cannot be exported to ONNX: {_why(e)}") from e
