@@ -12,7 +12,7 @@ import pytest
 from compact_vit import export
 from compact_vit.errors import UserError
 from compact_vit.export import __main__ as cli
-from compact_vit.models import create_model
+from compact_vit.models import create_model, efficientformer_v2
 from compact_vit.nn import layers
 from compact_vit.profile import random_variables
 
@@ -122,6 +122,38 @@ def test_export_forms_reach_the_graph(efficientformer):
   ops = Counter(n.op_type for n in export.to_onnx(model, variables).proto.graph.node)
   assert ops["Gelu"] and ops["AveragePool"] and ops["Softmax"] and ops["MatMul"]
   assert not ops["Erf"] and not ops["Einsum"]
+
+
+@pytest.mark.parametrize("module", [
+    efficientformer_v2.Attention2d(num_heads=2, key_dim=4),
+    efficientformer_v2.Attention2d(num_heads=2, key_dim=4, stride=2),
+    efficientformer_v2.Attention2dDownsample(8, num_heads=2, key_dim=4)], ids=str)
+def test_efficientformerv2_attention_export_forms_match(module):
+  """EfficientFormerV2's attention alone (in the whole model its random 1e-5 layer scales hide it):
+  heads-first MatMuls with the talking heads as convolutions, and Resize for the upsampling, against
+  the einsum forms, with every parameter perturbed so that none is zero or one."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
+  variables = module.init(jax.random.PRNGKey(1), x)
+  variables = jax.tree.map(
+      lambda t: t + 0.3 * jax.random.normal(jax.random.PRNGKey(t.size), t.shape), variables)
+  plain = module.apply(variables, x)
+  with layers.export_forms():
+    exported = module.apply(variables, x)
+  assert rel_err(exported, plain) <= 1e-5
+
+
+def test_efficientformerv2_exports_matmul_attention_and_resize():
+  """EfficientFormerV2's graph holds MatMul attention and one Resize per strided attention, no
+  Einsum; with its layer scales set to one (the attention then moves the logits), it still runs
+  in onnxruntime like `model.apply`."""
+  name = "efficientformerv2_s0"
+  model, variables = _model(name, SMALL[name])
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, t: jnp.ones_like(t) if "['ls" in jax.tree_util.keystr(path) else t, variables)
+  exported = export.to_onnx(model, variables, batch=2, model_name=name)
+  assert exported.max_rel_err <= RTOL
+  ops = Counter(n.op_type for n in exported.proto.graph.node)
+  assert ops["MatMul"] >= 4 and ops["Resize"] == 1 and not ops["Einsum"]
 
 
 def test_dynamic_batch_runs_at_other_batch_sizes():

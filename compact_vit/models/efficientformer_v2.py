@@ -34,7 +34,8 @@ from compact_vit.models.efficientformer import (RATES, check_img_size, distilled
                                                 relative_bias_index)
 from compact_vit.nn.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
                                    check_input_size, check_settings, conv_general_dilated,
-                                   conv_init, drop_path_rates, settings_problems, to_pair)
+                                   conv_init, drop_path_rates, exporting, matmul_attention,
+                                   settings_problems, to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
 # (timm's EfficientFormer_expansion_ratios); drop path is each variant's training default.
@@ -59,6 +60,10 @@ def upsample2x_bilinear(x: jax.Array) -> jax.Array:
   """torch's Upsample(scale_factor=2, mode='bilinear', align_corners=False): (B, H, W, C) ->
   (B, 2H, 2W, C). Output 2i takes 3/4 of input i and 1/4 of i-1, output 2i+1 3/4 of i and 1/4 of
   i+1, with the border replicated."""
+  if exporting():  # one ONNX Resize (half-pixel, linear): the same weights at 2x
+    return jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]),
+                            "linear", antialias=False)
+
   def along(x, axis):
     prev = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
                             jax.lax.slice_in_dim(x, 0, -1, axis=axis)], axis=axis)
@@ -73,6 +78,11 @@ def upsample2x_bilinear(x: jax.Array) -> jax.Array:
 def _tokens(x: jax.Array, heads: int) -> jax.Array:
   """(B, H, W, heads * d) -> (B, H*W, heads, d): torch's reshape(B, heads, d, N) of NCHW."""
   return x.reshape(x.shape[0], -1, heads, x.shape[-1] // heads)
+
+
+def _heads_first(x: jax.Array, heads: int) -> jax.Array:
+  """(B, H, W, heads * d) -> (B, heads, H*W, d)."""
+  return jnp.swapaxes(_tokens(x, heads), 1, 2)
 
 
 class Attention2d(nn.Module):
@@ -106,15 +116,27 @@ class Attention2d(nn.Module):
     biases = self.param("attention_biases", nn.initializers.zeros, (heads, height * width),
                         self.param_dtype)
     bias = biases[:, relative_bias_index((height, width), (height, width))]  # (heads, N, N)
-    logits = jnp.einsum("bqhd,bkhd->bqkh", _tokens(q, heads) * self.key_dim**-0.5,
-                        _tokens(k, heads)).astype(jnp.float32)
-    logits = logits + jnp.transpose(bias, (1, 2, 0)).astype(jnp.float32)
     # Talking heads: 1x1 convs across the head axis, before and after the softmax over keys.
     talk = functools.partial(nn.Conv, heads, (1, 1), kernel_init=conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    logits = talk(name="talking_head1")(logits).astype(jnp.float32)
-    weights = talk(name="talking_head2")(jax.nn.softmax(logits, axis=2).astype(v.dtype))
-    out = jnp.einsum("bqkh,bkhd->bqhd", weights, _tokens(v, heads))
+    talk1, talk2 = talk(name="talking_head1"), talk(name="talking_head2")
+    if exporting():  # heads-first MatMuls (ONNX MatMul); the transposes around the talking-head
+      # convs cancel against the ones the Conv lowering adds (timm's layout, NCHW over heads)
+      heads_last, heads_first = (lambda t: jnp.transpose(t, (0, 2, 3, 1)),
+                                 lambda t: jnp.transpose(t, (0, 3, 1, 2)))
+      logits = jnp.matmul(_heads_first(q, heads) * self.key_dim**-0.5,
+                          jnp.swapaxes(_heads_first(k, heads), -1, -2)).astype(jnp.float32)
+      logits = heads_first(talk1(heads_last(logits + bias.astype(jnp.float32))))
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      weights = heads_first(talk2(heads_last(weights)))
+      out = jnp.swapaxes(jnp.matmul(weights, _heads_first(v, heads)), 1, 2)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bqkh", _tokens(q, heads) * self.key_dim**-0.5,
+                          _tokens(k, heads)).astype(jnp.float32)
+      logits = logits + jnp.transpose(bias, (1, 2, 0)).astype(jnp.float32)
+      logits = talk1(logits).astype(jnp.float32)
+      weights = talk2(jax.nn.softmax(logits, axis=2).astype(v.dtype))
+      out = jnp.einsum("bqkh,bkhd->bqhd", weights, _tokens(v, heads))
     out = out.reshape(batch, height, width, val_dim) + v_local
     if self.stride is not None:
       out = upsample2x_bilinear(out)
@@ -163,10 +185,15 @@ class Attention2dDownsample(nn.Module):
     biases = self.param("attention_biases", nn.initializers.zeros, (heads, height * width),
                         self.param_dtype)
     bias = biases[:, relative_bias_index(q.shape[1:3], (height, width), query_stride=2)]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", _tokens(q, heads) * self.key_dim**-0.5,
-                        _tokens(k, heads)).astype(jnp.float32)
-    weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, _tokens(v, heads))
+    if exporting():  # heads-first MatMuls and Softmax (ONNX MatMul, Softmax)
+      out = jnp.swapaxes(matmul_attention(_heads_first(q, heads) * self.key_dim**-0.5,
+                                          _heads_first(k, heads), _heads_first(v, heads),
+                                          bias=bias), 1, 2)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", _tokens(q, heads) * self.key_dim**-0.5,
+                          _tokens(k, heads)).astype(jnp.float32)
+      weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, _tokens(v, heads))
     out = out.reshape(batch, *q.shape[1:3], val_dim) + v_local
     return conv_norm(self.out_dim, name="proj")(gelu(out), train)
 
