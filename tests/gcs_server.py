@@ -11,10 +11,18 @@ leaves 127.0.0.1.
 `FaultProxy` stands between the clients and the server and answers a share of the requests that
 match a rule with 503/429/403, drops the connection, or delays the answer (each rule draws its own
 share from a seeded generator; the first that fires applies).
+
+TensorFlow's GCS file system (TFDS's TFRecord reads from a `gs://` data_dir) has no endpoint setting:
+it always speaks HTTPS to storage.googleapis.com and www.googleapis.com. It honours `https_proxy`
+and `CURL_CA_BUNDLE`, though, so `client_env` sends it to a proxy on loopback (a `FaultProxy`, the
+same rules applying) that accepts its CONNECT for those two hosts only, ends the TLS itself with a
+self-signed certificate made for the session (`CURL_CA_BUNDLE` trusts it), and forwards the plain
+requests to the server.
 """
 from __future__ import annotations
 
 import atexit
+import datetime
 import http.client
 import http.server
 import json
@@ -22,6 +30,8 @@ import os
 import random
 import re
 import socket
+import socketserver
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -30,6 +40,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 CLOSED_PORT = "127.0.0.1:9"  # metadata and auth probes land here and are refused at once
+GOOGLE_HOSTS = ("storage.googleapis.com", "www.googleapis.com")  # TensorFlow's GCS endpoints
 
 
 def _binary() -> str:
@@ -118,12 +129,17 @@ def server() -> GCSServer:
   return _SERVER
 
 
-def client_env(url: str, base: dict[str, str] | None = None) -> dict[str, str]:
-  """`base` (default os.environ) with every GCS client pointed at `url`, and no credentials."""
+def client_env(url: str, base: dict[str, str] | None = None,
+               tensorflow: bool = True) -> dict[str, str]:
+  """`base` (default os.environ) with every GCS client pointed at `url` (the server or a
+  `FaultProxy`), and no credentials. With `tensorflow`, TensorFlow's GCS file system goes through
+  `https_proxy`: the proxy at `url`, or a pass-through one in front of the server."""
   env = dict(os.environ if base is None else base)
   for name in ("GOOGLE_APPLICATION_CREDENTIALS", "https_proxy", "HTTPS_PROXY", "http_proxy",
-               "HTTP_PROXY"):
+               "HTTP_PROXY", "CURL_CA_BUNDLE"):
     env.pop(name, None)
+  if tensorflow:
+    env.update({"https_proxy": _tls_front(url), "CURL_CA_BUNDLE": certificate()[0]})
   env.update({
       "STORAGE_EMULATOR_HOST": url,                # gcsfs, google-cloud-storage (tensorboardX)
       "TENSORSTORE_GCS_HTTP_URL": url,             # Orbax's array data
@@ -139,10 +155,71 @@ def client_env(url: str, base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def use_in_process(url: str) -> None:
-  """Points this process's clients at `url` (gcsfs instances made afterwards)."""
-  os.environ.update(client_env(url, base={}))
+  """Points this process's clients at `url` (gcsfs instances made afterwards); TensorFlow's is
+  left alone (test processes run other tests, which must not go through a proxy)."""
+  os.environ.update(client_env(url, base={}, tensorflow=False))
   import fsspec  # pylint: disable=import-outside-toplevel
   fsspec.get_filesystem_class("gs").clear_instance_cache()
+
+
+# ----------------------------------------------------------------------------- TLS for TensorFlow
+
+_CERTIFICATE: tuple[str, str] | None = None
+
+
+def certificate() -> tuple[str, str]:
+  """(certificate file, key file): a self-signed certificate for `GOOGLE_HOSTS`, made once per
+  test process, valid for two days. `CURL_CA_BUNDLE` names the certificate file."""
+  global _CERTIFICATE
+  if _CERTIFICATE is None:
+    from cryptography import x509  # pylint: disable=import-outside-toplevel
+    from cryptography.hazmat.primitives import hashes, serialization  # pylint: disable=import-outside-toplevel
+    from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=import-outside-toplevel
+    from cryptography.x509.oid import NameOID  # pylint: disable=import-outside-toplevel
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, GOOGLE_HOSTS[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in GOOGLE_HOSTS]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory = tempfile.mkdtemp(prefix="gcs-tls-")
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+      f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+      f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()))
+    _CERTIFICATE = cert_path, key_path
+  return _CERTIFICATE
+
+
+_TLS_CONTEXT: ssl.SSLContext | None = None
+
+
+def _tls_context() -> ssl.SSLContext:
+  global _TLS_CONTEXT
+  if _TLS_CONTEXT is None:
+    _TLS_CONTEXT = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _TLS_CONTEXT.load_cert_chain(*certificate())
+  return _TLS_CONTEXT
+
+
+_PROXY_URLS: set[str] = set()      # every FaultProxy's URL: each accepts CONNECT itself
+_FRONTS: dict[str, "FaultProxy"] = {}  # a pass-through proxy in front of each bare server URL
+
+
+def _tls_front(url: str) -> str:
+  """The proxy TensorFlow's HTTPS goes through to reach `url`."""
+  if url in _PROXY_URLS:
+    return url
+  if url not in _FRONTS:
+    _FRONTS[url] = FaultProxy(url)
+  return _FRONTS[url].url
 
 
 # ----------------------------------------------------------------------------- fault injection
@@ -151,7 +228,8 @@ def use_in_process(url: str) -> None:
 class Rule:
   """Requests whose method and path match: `share` of them (after `after` matches, at most
   `limit`) get `action`: an HTTP status ('503', '429', '403'), 'drop' (connection closed
-  without an answer) or 'slow' (answered after `delay` seconds)."""
+  without an answer), 'slow' (answered after `delay` seconds) or 'stall' (never forwarded: held
+  for `delay` seconds or until the proxy closes, then the connection is dropped)."""
   action: str
   method: str = ".*"
   path: str = ".*"
@@ -174,6 +252,7 @@ class FaultProxy:
   def __post_init__(self):
     self._random = random.Random(self.seed)
     self._lock = threading.Lock()
+    self._closing = threading.Event()
     proxy = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -187,7 +266,9 @@ class FaultProxy:
         rule = proxy._decide(self.command, self.path)
         action = rule.action if rule else None
         proxy.log.append((self.command, self.path, action or "forwarded"))
-        if action == "drop":
+        if action == "stall":
+          proxy._closing.wait(rule.delay)
+        if action in ("drop", "stall"):
           self.close_connection = True
           self.connection.shutdown(socket.SHUT_RDWR)
           return
@@ -201,7 +282,8 @@ class FaultProxy:
           return
         if action == "slow":
           time.sleep(rule.delay)
-        status, headers, payload = proxy._forward(self.command, self.path, self.headers, body)
+        status, headers, payload = proxy._forward(self.command, self.path, self.headers, body,
+                                                  getattr(self, "tunnel_host", None))
         self.send_response(status)
         for name, value in headers:
           if name.lower() not in ("transfer-encoding", "content-length", "connection"):
@@ -224,6 +306,31 @@ class FaultProxy:
 
       do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
+      def do_CONNECT(self):  # TensorFlow's HTTPS, through https_proxy: answered here, in TLS
+        host = self.path.rsplit(":", 1)[0]
+        if host not in GOOGLE_HOSTS:  # nothing else is reachable through this proxy
+          proxy.log.append(("CONNECT", self.path, "refused"))
+          self.send_error(403, "This proxy reaches Google's storage hosts only")
+          self.close_connection = True
+          return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        try:
+          self.connection = _tls_context().wrap_socket(self.connection, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+          proxy.log.append(("CONNECT", self.path, f"TLS failed: {e}"))
+          self.close_connection = True
+          return
+        self.tunnel_host = host  # kept as the Host of the requests forwarded: the server answers
+        # storage.googleapis.com/BUCKET/OBJECT (TensorFlow's reads) only under that name
+        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        self.wfile = socketserver._SocketWriter(self.connection)  # pylint: disable=protected-access
+
+      def finish(self):
+        super().finish()
+        if isinstance(self.connection, ssl.SSLSocket):  # the server closes only the plain one
+          self.connection.close()
+
     class Server(http.server.ThreadingHTTPServer):
       daemon_threads = True
 
@@ -232,6 +339,7 @@ class FaultProxy:
 
     self._server = Server(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+    _PROXY_URLS.add(self.url)
     threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
   def _decide(self, method: str, path: str) -> Rule | None:
@@ -248,13 +356,17 @@ class FaultProxy:
           return rule
       return None
 
-  def _forward(self, method, path, headers, body):
+  def _forward(self, method, path, headers, body, host_header=None):
     host = self.upstream.split("//", 1)[1]
     conn = http.client.HTTPConnection(host, timeout=120)
     try:
+      # (TensorFlow sends `Transfer-Encoding: identity` with empty POSTs, which the server refuses:
+      # the body is always sent with its length instead.)
       out = {k: v for k, v in headers.items()
              if k.lower() not in ("host", "transfer-encoding", "content-length", "connection")}
       out["Content-Length"] = str(len(body))
+      if host_header:
+        out["Host"] = host_header
       conn.request(method, path, body=body if body or method in ("POST", "PUT", "PATCH") else None,
                    headers=out)
       response = conn.getresponse()
@@ -268,5 +380,7 @@ class FaultProxy:
     return sum(1 for _, _, o in self.log if o == outcome)
 
   def close(self) -> None:
+    _PROXY_URLS.discard(self.url)
+    self._closing.set()  # stalled requests end (their connections dropped)
     self._server.shutdown()
     self._server.server_close()

@@ -11,12 +11,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 import gcs_server
+# Imported before any fixture runs: it sets EPATH_USE_TF=false, and etils caches its choice of
+# backend at the first epath.Path (the session's data_dir fixture makes one through TFDS); with
+# TensorFlow's, the test's own reads of gs:// would ignore the emulator.
+from compact_vit import paths  # noqa: F401  pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "configs/deit_s.py:quick"
@@ -134,6 +139,54 @@ def test_sigterm_in_a_bucket_resumes_bit_identical(gcs, ref, data_dir):
   # (a resumed run's first line has no images/s yet: the rate starts after its first step)
   exact = lambda records: [{k: v for k, v in r.items() if k not in RATES} for r in records]
   assert exact(interrupted) == exact(straight)
+
+
+@pytest.fixture(scope="module")
+def bucket_data(gcs, data_dir):
+  """The session's digits TFDS data_dir copied into the bucket: gs://runs/tfds."""
+  import gcsfs  # pylint: disable=import-outside-toplevel
+  gcsfs.GCSFileSystem().put(data_dir, "runs/tfds", recursive=True)
+  assert "tfds/digits/1.0.0/dataset_info.json" in gcs.object_names("runs", "tfds/")
+  return "gs://runs/tfds"
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint_reading_tfds_from_gs(
+    gcs, ref, bucket_data):
+  """The run reads its dataset from the bucket (TFDS metadata through etils.epath/gcsfs, its
+  TFRecord files through TensorFlow's GCS file system) and is killed inside the save of step 8:
+  that save's first uploads reach the bucket, the rest stall. The same command then resumes from
+  step 4 and ends bit-identical to the reference run, which read the dataset from a local folder."""
+  workdir = "gs://runs/killed"
+  proxy = gcs_server.FaultProxy(gcs.url, rules=[gcs_server.Rule(
+      "stall", method="POST|PUT|PATCH", path=CHECKPOINT_8, after=2, delay=1800)])
+  try:
+    proc = subprocess.Popen(_cmd("train.py", workdir, bucket_data), cwd=REPO, env=_env(proxy.url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 1800  # hang guard, generous for a busy machine
+    while not proxy.count("stall"):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+      time.sleep(0.05)
+    proc.kill()
+    stdout, _ = proc.communicate(timeout=1800)
+  finally:
+    proxy.close()
+  assert proc.returncode == -signal.SIGKILL and "Done:" not in stdout
+  read = [p for m, p, _ in proxy.log if m == "GET" and "tfds%2Fdigits%2F1.0.0%2Fdigits-" in p]
+  assert read, proxy.log[:20]  # TensorFlow read the TFRecord files from the bucket
+  deadline = time.time() + 60  # the uploads forwarded before the kill land
+  while not gcs.object_names("runs", "killed/checkpoints/8/") and time.time() < deadline:
+    time.sleep(0.1)
+  begun = gcs.object_names("runs", "killed/checkpoints/8/")
+  assert begun and not [n for n in begun if n.endswith("commit_success.txt")], begun
+
+  resumed = _run(_cmd("train.py", workdir, bucket_data), gcs.url)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints at step 4." in resumed.stdout, resumed.stdout
+  (step_a, params_a), (step_b, params_b) = _final_params(ref["workdir"]), _final_params(workdir)
+  assert step_a == step_b == 12
+  assert _same(params_a, params_b)
+  exact = lambda records: [{k: v for k, v in r.items() if k not in RATES} for r in records]
+  assert exact(_metrics(workdir)) == exact(_metrics(ref["workdir"]))
 
 
 def test_eval_in_a_bucket_reads_the_latest_checkpoint(gcs, ref, data_dir):
