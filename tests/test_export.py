@@ -116,11 +116,12 @@ def test_export_forms_give_the_same_logits(efficientformer):
 
 
 def test_export_forms_reach_the_graph(efficientformer):
-  """Under the switch the graph holds ONNX Gelu, AveragePool, Softmax and MatMul instead of the
-  written-out GELU (Erf), shifted-slice pooling and Einsum attention."""
+  """Under the switch the graph holds ONNX Gelu, AveragePool, Softmax, MatMul and a Split of the
+  fused qkv instead of the written-out GELU (Erf), shifted-slice pooling, Einsum attention and
+  three Slices."""
   model, variables = efficientformer
   ops = Counter(n.op_type for n in export.to_onnx(model, variables).proto.graph.node)
-  assert ops["Gelu"] and ops["AveragePool"] and ops["Softmax"] and ops["MatMul"]
+  assert ops["Gelu"] and ops["AveragePool"] and ops["Softmax"] and ops["MatMul"] and ops["Split"]
   assert not ops["Erf"] and not ops["Einsum"]
 
 
