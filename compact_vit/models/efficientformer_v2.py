@@ -60,7 +60,8 @@ def upsample2x_bilinear(x: jax.Array) -> jax.Array:
   """torch's Upsample(scale_factor=2, mode='bilinear', align_corners=False): (B, H, W, C) ->
   (B, 2H, 2W, C). Output 2i takes 3/4 of input i and 1/4 of i-1, output 2i+1 3/4 of i and 1/4 of
   i+1, with the border replicated."""
-  if exporting():  # one ONNX Resize (half-pixel, linear): the same weights at 2x
+  if exporting() and isinstance(x.shape[0], int):  # one ONNX Resize (half-pixel, linear), the
+    # same weights at 2x; jax2onnx's Resize needs a static batch, so a dynamic one keeps the slices
     return jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]),
                             "linear", antialias=False)
 
