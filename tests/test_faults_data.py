@@ -80,9 +80,11 @@ def test_odd_formats_under_jpeg_names_decode_as_rgb(folder):
     assert np.abs(ours.astype(int) - reference).max() <= 1, name  # PIL's conversion, within rounding
 
 
-def test_unreadable_train_examples_are_skipped_named_once_and_filled(folder, capsys):
+@pytest.mark.parametrize('cache', [False, True])  # cached: the encoded bytes, in host memory
+def test_unreadable_train_examples_are_skipped_named_once_and_filled(folder, capsys, cache):
   root, _, bad = folder
-  it = pipeline.train_iterator(_cfg(root), _aug(**NO_AUG), img_size=IMG, batch_size=BATCH, seed=0)
+  it = pipeline.train_iterator(_cfg(root, cache=cache), _aug(**NO_AUG), img_size=IMG, batch_size=BATCH,
+                               seed=0)
   per_batch = []
   for _ in range(8):  # two epochs
     before = it.skipped
@@ -196,6 +198,28 @@ def test_damaged_tfrecord_files_lose_only_their_records(damaged_tfds, capsys):
   it = pipeline.eval_iterator(_digits(damaged), img_size=8, batch_size=90, crop_pct=1.)
   read = sum(int(b['mask'].sum()) for b in it)
   assert 0 < len(it.unreadable) == 360 - read
+
+
+def test_damaged_records_in_the_decoded_cache_count_as_without_it(damaged_tfds, capsys):
+  """dataset.cache=True on fixed-shape images (held decoded): the records that do not decode keep
+  their place, and are masked, named and counted as without the cache."""
+  _, damaged, train_file = damaged_tfds
+  make = lambda cache: pipeline.eval_iterator(_digits(damaged, eval_split='train', cache=cache),
+                                              img_size=8, batch_size=256, crop_pct=1.)
+  uncached, cached = make(False), make(True)
+  for a, b in zip(uncached, cached, strict=True):
+    assert set(a) == set(b) == {'image', 'label', 'mask'}
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert 100 <= len(cached.unreadable) <= 160
+  assert list(cached.unreadable) == list(uncached.unreadable)
+  assert capsys.readouterr().out.count(f'Skipping the unreadable eval records of {train_file}') == 2
+  # Training: each lost record is a distinct unreadable example, so the default cap stops the run.
+  with pytest.raises(UserError, match='could not be read') as error:
+    it = pipeline.train_iterator(_digits(damaged, cache=True), None, img_size=8, batch_size=64, seed=1)
+    for _ in range(22):
+      next(it)
+  assert train_file in str(error.value)
 
 
 def test_train_and_eval_report_skipped_examples(folder, tmp_path):

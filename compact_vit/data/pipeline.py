@@ -41,7 +41,10 @@ on_accelerator it keeps its own augmentation key), so batch k stays a pure funct
 and a resumed run stays exact; in evaluation its row is masked out. Each one is named once on stdout
 and counted (`Batches.skipped`); training stops with a `UserError` listing them once more distinct
 examples are unreadable than `dataset.max_skipped` (default 0.001) times this process's examples per
-epoch. PNG, CMYK and grayscale images, whatever their file name, decode to RGB and are used.
+epoch. PNG, CMYK and grayscale images, whatever their file name, decode to RGB and are used. The check
+is nearly free on good data: each batch is made unguarded first, and only a batch with an unreadable
+example is made again example by example (`_guarded_batches`). With `cache` on, an image that does not
+decode keeps its place in the cache and is skipped the same way.
 """
 from __future__ import annotations
 
@@ -60,8 +63,8 @@ from compact_vit.imagenet import IMAGENET_MEAN, IMAGENET_STD
 _DEFAULTS = dict(data_dir=None, train_split='train', eval_split='validation', shuffle_buffer=10_000,
                  cache=False, mean=IMAGENET_MEAN, std=IMAGENET_STD, on_accelerator=None,
                  canvas_min_side=CANVAS_MIN_SIDE, max_skipped=0.001)
-# The name of a record that a source could not deliver at all (see `_epoch_padding`).
-_MISSING = '(a record missing from the slice; named above)'
+# The name of the records that pad an eval pass to whole batches (rows with mask False).
+_PADDING = '(padding)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +207,7 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
       ds = ds.shuffle(buffer, seed=tf.random.stateless_uniform([], key, None, None, tf.int64))
     if repeated.on:
       ds = repeated.arrange(ds, batch_size=batch_size, process_count=process_count)
-    ds = _epoch_padding(ds, steps * batch_size)
+    ds = ds.take(steps * batch_size)
     return ds.enumerate().map(lambda i, rec: (key, i, rec))
 
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
@@ -212,13 +215,12 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
 
   # Only reading and decoding can fail on bad data: they are guarded, the rest runs as usual (on a
   # 1x1 stand-in crop for an unreadable example, whose row `_fill_skipped_rows` then replaces).
-  crop = transforms.guarded(lambda ref, key: transforms.train_crop(shard.load(ref), key, aug),
-                            tf.zeros([1, 1, 3], tf.uint8))
+  crop = lambda ref, key: transforms.train_crop(shard.load(ref), key, aug)
 
-  def preprocess(key, i, record):
+  def preprocess(guard, key, i, record):
     ref, label, name = record
     key = tf.random.experimental.stateless_fold_in(key, i * process_count + process_index)
-    image, ok = crop(ref, key)
+    image, ok = guard(crop, tf.zeros([1, 1, 3], tf.uint8))(ref, key)
     if on_accelerator:
       out = transforms.accelerator_train_example(image, key, img_size=img_size, canvas=canvas)
     else:
@@ -227,11 +229,52 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
 
   # One pipeline for all epochs, so the augmentation graph is instantiated once.
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(skip_steps * batch_size)
-  ds = ds.map(preprocess, num_parallel_calls=parallel_calls())
-  ds = _batch(ds, batch_size, canvas, drop_remainder=True).map(_fill_skipped_rows)
+  ds = _guarded_batches(ds.batch(batch_size, drop_remainder=True), preprocess, canvas)
+  ds = ds.map(_fill_skipped_rows)
   epoch_examples = steps * batch_size
   return Batches(ds.prefetch(2).with_options(_options()).as_numpy_iterator(), what='train',
                  max_skipped=_max_skipped(dataset_cfg, epoch_examples), epoch_examples=epoch_examples)
+
+
+# Batches made at once (each by a map with `parallel_calls()` examples in flight), so the next
+# batch's examples keep the cores busy while the last examples of one are finished.
+BATCHES_IN_FLIGHT = 2
+
+
+def _unguarded(fn: Any, fallback: Any) -> Any:
+  """`transforms.guarded`'s interface without the guard: (fn(*args), True)."""
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  del fallback
+  return lambda *args: (fn(*args), tf.constant(True))
+
+
+def _guarded_batches(record_batches: Any, preprocess: Any, canvas: int) -> Any:
+  """Batches of `preprocess(guard, *record)` for each batch of records, where `guard(fn, fallback)`
+  wraps the part that bad data can fail (`transforms.guarded`'s interface).
+
+  A batch is first made with nothing guarded, in a nested dataset whose errors are dropped; only
+  when a record of it fails (the attempt then yields no whole batch) is the batch made again with
+  each example guarded, so an unreadable example becomes its `fallback` row and no other row moves.
+  A good batch thus pays for one nested dataset instead of one per example (the per-example guard
+  cost ~0.3 ms of CPU per image, a fifth of the on_accelerator host part:
+  benchmarks/input_pipeline.py); a batch with a bad example is made twice."""
+  from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
+  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+
+  def make(*records):
+    count = tf.shape(tf.nest.flatten(records)[0], out_type=tf.int64)[0]
+    examples = tf.data.Dataset.from_tensor_slices(records)
+
+    def attempt(guard):
+      made = examples.map(functools.partial(preprocess, guard), num_parallel_calls=parallel_calls())
+      return _batch(made, count, canvas)
+
+    # After an error the inner batch goes on with the records behind the failed one: a short batch.
+    whole = attempt(_unguarded).ignore_errors().filter(
+        lambda batch: tf.equal(tf.shape(batch['skipped'], out_type=tf.int64)[0], count))
+    return whole.concatenate(attempt(transforms.guarded)).take(1).get_single_element()
+
+  return record_batches.map(make, num_parallel_calls=BATCHES_IN_FLIGHT)
 
 
 def _max_skipped(cfg: Any, epoch_examples: int) -> int:
@@ -244,20 +287,19 @@ def _max_skipped(cfg: Any, epoch_examples: int) -> int:
   return int(fraction * epoch_examples)
 
 
-def _epoch_padding(records: Any, count: int) -> Any:
-  """The first `count` records, padded with records named `_MISSING` if there are fewer (a cached
-  slice that left out images it could not decode), so no epoch is shorter than the others."""
+def _padded(records: Any, count: int) -> Any:
+  """`records` followed by records named `_PADDING` up to `count`."""
   from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
   ref_spec, label_spec, _ = records.element_spec
-  missing = (tf.zeros([d or 0 for d in ref_spec.shape], ref_spec.dtype), tf.zeros([], label_spec.dtype),
-             tf.constant(_MISSING))
-  return records.take(count).concatenate(tf.data.Dataset.from_tensors(missing).repeat()).take(count)
+  padding = (tf.zeros([d or 0 for d in ref_spec.shape], ref_spec.dtype), tf.zeros([], label_spec.dtype),
+             tf.constant(_PADDING))
+  return records.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(count)
 
 
 def _outcome(ok: Any, name: Any) -> dict[str, Any]:
   """The per-example fields `Batches` reads and removes: 'skipped' (bool) and 'source' (its name)."""
   from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
-  return {'skipped': tf.logical_or(tf.logical_not(ok), tf.equal(name, _MISSING)), 'source': name}
+  return {'skipped': tf.logical_not(ok), 'source': name}
 
 
 def _fill_skipped_rows(batch: dict[str, Any]) -> dict[str, Any]:
@@ -379,17 +421,19 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
 
-  crop = transforms.guarded(
-      lambda ref: transforms.eval_crop(shard.load(ref), img_size=img_size, crop_pct=crop_pct,
-                                       resize=resize),
-      (tf.zeros([1, 1, 3], tf.uint8), tf.ones([2]), tf.zeros([2])))  # Guarded as in training.
+  crop = lambda ref: transforms.eval_crop(shard.load(ref), img_size=img_size, crop_pct=crop_pct,
+                                         resize=resize)
+  stand_in = (tf.zeros([1, 1, 3], tf.uint8), tf.ones([2]), tf.zeros([2]))  # Guarded as in training.
 
   blank = {'image': tf.zeros([img_size, img_size, 3])}
   if on_accelerator:
     blank = {'image': tf.zeros([img_size, img_size, 3], tf.uint8), 'size': tf.constant([img_size] * 2),
              'scale': tf.ones([2]), 'translation': tf.zeros([2])}
-  def preprocess(ref, label, name):
-    (window, scale, translation), ok = crop(ref)
+  padding_row = {**blank, 'label': tf.constant(0, tf.int32), 'mask': tf.constant(False),
+                 'skipped': tf.constant(False), 'source': tf.constant('')}
+
+  def example(guard, ref, label, name):
+    (window, scale, translation), ok = guard(crop, stand_in)(ref)
     if on_accelerator:
       out = transforms.accelerator_eval_example(window, scale, translation, img_size=img_size,
                                                 canvas=canvas)
@@ -399,10 +443,10 @@ def eval_iterator(dataset_cfg: Any, *, img_size: int, batch_size: int, crop_pct:
     outcome = _outcome(ok, name)
     return {**out, 'label': label, 'mask': tf.logical_not(outcome['skipped']), **outcome}
 
-  padding = tf.data.Dataset.from_tensors({
-      **blank, 'label': tf.constant(0, tf.int32), 'mask': tf.constant(False),
-      'skipped': tf.constant(False), 'source': tf.constant('')}).repeat(
-          num_batches * batch_size - shard.size)
-  ds = shard.records(None).map(preprocess, num_parallel_calls=parallel_calls())
-  ds = _batch(ds.concatenate(padding), batch_size, canvas)
+  def preprocess(guard, ref, label, name):
+    return tf.cond(tf.equal(name, _PADDING), lambda: padding_row,
+                   lambda: example(guard, ref, label, name))
+
+  records = _padded(shard.records(None), num_batches * batch_size)
+  ds = _guarded_batches(records.batch(batch_size), preprocess, canvas)
   return Batches(ds.prefetch(2).with_options(_options()).as_numpy_iterator(), what='eval')

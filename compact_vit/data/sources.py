@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -288,34 +287,40 @@ def open_dataset(name: str, data_dir: str | None, train_split: str) -> TfdsDatas
 
 def in_memory(shard: Shard) -> Shard:
   """The shard read once into host memory: decoded uint8 when all images share a shape (digits,
-  cifar10), else the encoded bytes. Its shuffles are full permutations. Images that cannot be
-  decoded while caching are left out, named on stdout (the pipeline's epochs keep their length)."""
-  ds = shard.records(None).map(lambda ref, label, name: (shard.load(ref), label, name), tf.data.AUTOTUNE)
-  if shard.fixed_shape:
-    decode = transforms.guarded(transforms.decode, tf.zeros([0, 0, 3], tf.uint8))
-
-    def decoded(data, label, name):
-      image, ok = decode(data)
-      return image, ok, label, name
-
-    def readable(image, ok, label, name):
-      del image, label
-
-      def report():
-        with tf.control_dependencies([tf.print('Left out of the in-memory cache, cannot be decoded:',
-                                               name, output_stream=sys.stdout)]):
-          return tf.constant(False)
-
-      return tf.cond(ok, lambda: tf.constant(True), report)
-
-    ds = ds.map(decoded, tf.data.AUTOTUNE).filter(readable).map(
-        lambda image, ok, label, name: (image, label, name))
-  images, labels, names = [], [], []
-  for image, label, name in ds.batch(1024).as_numpy_iterator():
-    images.append(image)
-    labels.append(label)
-    names.append(name)
-  if not labels:
+  cifar10), else the encoded bytes. Its shuffles are full permutations. An image that cannot be
+  decoded keeps its place: loading it fails as decoding it would, so the pipeline skips, names and
+  counts it as it does without the cache."""
+  records = shard.records(None)
+  if not shard.fixed_shape:  # An unreadable file is cached empty, which does not decode.
+    read = transforms.guarded(shard.load, tf.constant(b''))
+    ds = records.map(lambda ref, label, name: (read(ref)[0], label, name), tf.data.AUTOTUNE)
+    refs, labels, names = [], [], []
+    for ref, label, name in ds.batch(1024).as_numpy_iterator():
+      refs.append(ref)
+      labels.append(label)
+      names.append(name)
+    if not labels:
+      return shard
+    return _indexed(np.concatenate(refs), np.concatenate(labels), np.concatenate(names),
+                    lambda data: data, fixed_shape=False)
+  decode = transforms.guarded(lambda ref: transforms.decode(shard.load(ref)), tf.zeros([0, 0, 3], tf.uint8))
+  ds = records.map(lambda ref, label, name: (*decode(ref), label, name), tf.data.AUTOTUNE)
+  batches = list(ds.padded_batch(1024, padded_shapes=([None, None, 3], [], [], [])).as_numpy_iterator())
+  if not batches:
     return shard
-  return _indexed(np.concatenate(images), np.concatenate(labels), np.concatenate(names),
-                  lambda image: image, shard.fixed_shape)
+  height_width = max(images.shape[1:3] for images, *_ in batches)  # A bad image decodes to 0 x 0.
+  images = np.concatenate([images if images.shape[1:3] == height_width else
+                           np.zeros((len(images), *height_width, 3), np.uint8)
+                           for images, *_ in batches])
+  readable = tf.constant(np.concatenate([ok for _, ok, *_ in batches]))
+  images = tf.constant(images)
+
+  def load(index):
+    check = tf.debugging.Assert(tf.gather(readable, index),
+                                ['An image of the in-memory cache that could not be decoded.'])
+    with tf.control_dependencies([check]):
+      return tf.gather(images, index)
+
+  labels = np.concatenate([label for *_, label, _ in batches])
+  names = np.concatenate([name for *_, name in batches])
+  return _indexed(np.arange(len(labels), dtype=np.int32), labels, names, load, fixed_shape=True)
