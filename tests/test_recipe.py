@@ -81,16 +81,45 @@ def card_of(spec):
 # `to_authors_v2`: the authors store its layer scales as (C, 1, 1)), by config file prefix.
 AUTHORS_MODELS = {"deit_": None, "efficientformer_": None, "efficientformerv2_": "to_authors_v2"}
 
+# The other families: the rank of every authors' tensor that is not a layer's weight or bias, as
+# declared in the authors' code, by our parameter path (regex). Layer weights and biases (our
+# `kernel`, `scale`, `bias`, `embedding` leaves) keep their rank through the converters
+# (compact_vit/convert/core.py transposes kernels, no family converter reshapes one), so for them
+# our rank is theirs. A parameter of ours that is neither fails `authors_ranks`: audit it first.
+DEIT_TOKENS = {"^cls_token$": 3, "^pos_embed$": 3}  # timm / DeiT: zeros(1, 1, C), zeros(1, N, C)
+AUTHORS_RAW_RANKS = {
+    # liwei109/SepViT classification/sepvit.py: win_tokens = zeros(1, win_num, 1, dim)
+    "sepvit_": {"/win_tokens$": 4},
+    # Sense-X/UniNet uninet.py: gamma_1, gamma_2 = init_values * ones(out_features)
+    "uninet_": {"/ls[12]/gamma$": 1},
+    # microsoft/Cream AutoFormer model/vision_transformer/supernet_transformer.py: cls_token
+    # zeros(1, 1, C), pos_embed zeros(1, N + 1, C); model/module/multihead_super.py
+    # RelativePosition2D_super: embeddings_table_v / _h = randn(2 M + 2, num_units). TF-TAS trains
+    # AutoFormer's model.
+    "autoformer_": {**DEIT_TOKENS, "/embeddings_table_[vh]$": 2},
+    "tftas_": {**DEIT_TOKENS, "/embeddings_table_[vh]$": 2},
+    # raoyongming/DynamicViT models/dyvit.py: DeiT's tokens; PredictorLG is Linear / LayerNorm.
+    "dynamicvit_": DEIT_TOKENS,
+    "ats_": DEIT_TOKENS,  # DeiT's model, no parameters added
+    "patchmerger_": {**DEIT_TOKENS, "^patch_merger/queries$": 2},  # no authors' code: (M, C), ours
+    # Arnav0400/ViT-Slim ViT-Slim/models/layers.py: SparseAttention zeta ones(1, 1, heads, 1,
+    # head_dim), patch_zeta ones(1, N, 1); SparseMlp zeta ones(1, 1, hidden); the fc biases of
+    # our split projections (mlp_bias, proj_bias) are Linear biases there.
+    "vit_slim_": {**DEIT_TOKENS, "/attn/zeta$": 5, "/mlp/zeta$": 3, "/patch_zeta$": 3,
+                  "/(mlp|proj)_bias$": 1},
+}
+LAYER_LEAVES = ("kernel", "scale", "bias", "embedding")
+
 
 def authors_ranks(spec):
-  """Our parameter path -> (rank of the authors' tensor, whether its name ends in bias), from the
-  authors' model (timm's, in their layout) mapped onto our paths by the converter: each tensor is
-  filled with a code of its rank, which the converter's renames, transposes and reshapes keep. None
-  for the families whose authors' code timm does not build (their converters load the authors'
-  checkpoints with our ranks, kernel transposes aside, so our shapes stand for theirs)."""
+  """Our parameter path -> (rank of the authors' tensor, whether its name ends in bias). Families
+  timm builds: from the authors' model (timm's, in their layout) mapped onto our paths by the
+  converter: each tensor is filled with a code of its rank, which the converter's renames,
+  transposes and reshapes keep. Other families: `AUTHORS_RAW_RANKS`. None for the families
+  without authors' code or weight decay (Reformer-ViT, NASViT)."""
   prefix = next((p for p in AUTHORS_MODELS if spec.startswith(p)), None)
   if prefix is None:
-    return None
+    return raw_ranks(spec)
   import timm
   import torch
   from compact_vit.convert import load_pytorch_state_dict
@@ -111,10 +140,32 @@ def authors_ranks(spec):
   return out
 
 
+def raw_ranks(spec):
+  """`authors_ranks` of a family in `AUTHORS_RAW_RANKS`: layer leaves keep our rank, the others
+  take the authors' declared rank; a path that neither covers is an assertion error."""
+  import re
+  prefix = next((p for p in AUTHORS_RAW_RANKS if spec.startswith(p)), None)
+  if prefix is None:
+    return None
+  params = recipe.abstract_params(config_of(spec), recipe.IMAGENET_CLASSES)
+  out, unaudited = {}, []
+  for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items():
+    declared = [rank for pattern, rank in AUTHORS_RAW_RANKS[prefix].items() if re.search(pattern, path)]
+    if declared:
+      assert len(declared) == 1, (path, declared)
+      out[path] = (declared[0], path.endswith("bias"))
+    elif path.rsplit("/", 1)[-1] in LAYER_LEAVES:
+      out[path] = (len(leaf.shape), path.endswith("bias"))
+    else:
+      unaudited.append(path)
+  assert not unaudited, f"{spec}: no authors' rank for {unaudited}"
+  return out
+
+
 def expected_no_decay(spec, rule):
   """The paths the authors' optimizer exempts (timm's rule): 1-D or bias in their layout (their
-  tensors' shapes where `authors_ranks` has them), plus `also`, less `decay` (regexes over our
-  paths)."""
+  tensors' shapes where `authors_ranks` has them), plus `also` (regexes over our paths); for a
+  family without the authors' shapes (ours: Reformer-ViT), our shapes less `decay`."""
   import re
   params = recipe.abstract_params(config_of(spec), recipe.IMAGENET_CLASSES)
   ours = {path: (len(leaf.shape), path.endswith("bias"))
@@ -195,6 +246,25 @@ def test_card_equals_authors_or_departs(spec):
   missing = [f for f in recipe.CARD_FIELDS if not card["sources"].get(f)]
   assert missing == [], f"fields without a source in config.recipe_sources: {missing}"
   assert all(card["departures"].values()), "every departure says why"
+
+
+def test_the_authors_ranks_not_ours_decide_the_exemption():
+  """ViT-Slim's masks are 1-D or 2-D here but 3-D and 5-D in the authors' code, so their optimizer
+  decays them: the expected exemption follows from the authors' ranks alone, without the row's
+  `decay` list. SepViT's window tokens (4-D) are decayed, UniNet's layer scales (1-D) are not."""
+  spec = "vit_slim_deit_s.py"
+  params = recipe.abstract_params(config_of(spec), recipe.IMAGENET_CLASSES)
+  zetas = {path: len(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params, sep="/").items()
+           if path.endswith("zeta")}
+  assert min(zetas.values()) <= 1 and {1, 2} <= set(zetas.values())  # ours would be exempt
+  exempt = expected_no_decay(spec, {"also": recipe.AUTHORS[spec]["no_decay"]["also"]})
+  assert not set(zetas) & set(exempt) and "cls_token" in exempt
+  assert all(rank == (3 if "mlp" in path or "patch" in path else 5)
+             for path, (rank, _) in authors_ranks(spec).items() if path in zetas)
+  sepvit = authors_ranks("sepvit_t.py")
+  assert {rank for path, (rank, _) in sepvit.items() if path.endswith("/win_tokens")} == {4}
+  assert not any(p.endswith("/win_tokens") for p in expected_no_decay("sepvit_t.py", {}))
+  assert any(p.endswith("ls1/gamma") for p in expected_no_decay("uninet_b2.py", {}))
 
 
 def test_an_unrecorded_departure_fails():
