@@ -224,6 +224,19 @@ def _tls_front(url: str) -> str:
 
 # ----------------------------------------------------------------------------- fault injection
 
+_NAME_IN_BODY = re.compile(rb'"name"\s*:\s*"([^"]+)"')
+
+
+def _uploaded_name(path: str, body: bytes) -> str:
+  """' [OBJECT NAME]' for an upload that names its object in the body (multipart and resumable
+  uploads, as gcsfs and google-cloud-storage send them), else ''; rules and the log see it after
+  the path."""
+  if "uploadType=" not in path or "name=" in path.split("?", 1)[-1]:
+    return ""
+  found = _NAME_IN_BODY.search(body[:4096])
+  return f" [{found.group(1).decode(errors='replace')}]" if found else ""
+
+
 @dataclass
 class Rule:
   """Requests whose method and path match: `share` of them (after `after` matches, at most
@@ -247,7 +260,8 @@ class FaultProxy:
   upstream: str
   seed: int = 0
   rules: list[Rule] = field(default_factory=list)
-  log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, outcome)
+  # (method, path [+ ' [object name]' of an upload that names it in the body], outcome)
+  log: list[tuple[str, str, str]] = field(default_factory=list)
 
   def __post_init__(self):
     self._random = random.Random(self.seed)
@@ -263,9 +277,10 @@ class FaultProxy:
 
       def _handle(self):
         body = self._read_body()
-        rule = proxy._decide(self.command, self.path)
+        path = self.path + _uploaded_name(self.path, body)
+        rule = proxy._decide(self.command, path)
         action = rule.action if rule else None
-        proxy.log.append((self.command, self.path, action or "forwarded"))
+        proxy.log.append((self.command, path, action or "forwarded"))
         if action == "stall":
           proxy._closing.wait(rule.delay)
         if action in ("drop", "stall"):

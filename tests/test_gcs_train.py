@@ -8,6 +8,7 @@ One reference run (in the bucket, through the faulty proxy) is compared bit for 
 interrupted by SIGTERM and resumed, and with the run stopped by the full disk and rerun."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,6 +188,63 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint_reading
   assert _same(params_a, params_b)
   exact = lambda records: [{k: v for k, v in r.items() if k not in RATES} for r in records]
   assert exact(_metrics(workdir)) == exact(_metrics(ref["workdir"]))
+
+
+def _writes(proxy):
+  """The uploads a process started through `proxy` (request paths, with the object named in the
+  body; a resumable upload's later requests, which carry its upload_id, are not counted again)."""
+  return [p for m, p, o in proxy.log
+          if m in ("POST", "PUT", "PATCH") and o == "forwarded" and "upload_id=" not in p]
+
+
+def test_two_processes_on_one_run_in_a_bucket(gcs, ref, bucket_data):
+  """train.py's multi-process mode (two CPU processes on loopback, one device each), both reading
+  the dataset from the bucket and writing one run directory there, each through its own proxy:
+  process 0 alone writes the logs and final.json, each checkpoint is committed once, and the
+  result restores."""
+  from test_multihost import _free_port  # pylint: disable=import-outside-toplevel
+  workdir, port = "gs://runs/two", _free_port()
+  proxies = [gcs_server.FaultProxy(gcs.url) for _ in range(2)]
+  try:
+    procs = [subprocess.Popen(
+        _cmd("train.py", workdir, bucket_data, f"--coordinator_address=localhost:{port}",
+             "--num_processes=2", f"--process_id={i}"), cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=dict(
+            _env(proxy.url), JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+             for i, proxy in enumerate(proxies)]
+    outs = [p.communicate(timeout=1800) for p in procs]  # hang guard, generous for a busy machine
+  finally:
+    for proxy in proxies:
+      proxy.close()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Done: step 12" in outs[0][0] and "[step" not in outs[1][0]
+
+  first, second = (_writes(proxy) for proxy in proxies)
+  logs = re.compile(r"metrics\.jsonl|final\.json|config\.json|tensorboard")
+  assert [w for w in first if logs.search(w)] and not [w for w in second if logs.search(w)], second
+  commits = [re.search(r"checkpoints(?:/|%2F)(\d+)(?:/|%2F)commit_success", w)
+             for w in first + second]
+  assert sorted(int(c.group(1)) for c in commits if c) == [4, 8, 12], first + second
+  assert any("tfds%2Fdigits" in p for proxy in proxies for _, p, _ in proxy.log)  # both read gs://
+  assert all(any("tfds%2Fdigits" in p for _, p, _ in proxy.log) for proxy in proxies)
+
+  names = gcs.object_names("runs", "two/")
+  markers = [n for n in names if re.fullmatch(r"two/checkpoints/\d+/commit_success\.txt", n)]
+  assert sorted(int(n.split("/")[2]) for n in markers) == [8, 12]  # :quick keeps the latest 2
+  assert len([n for n in names if n.startswith("two/tensorboard/events.out.tfevents")]) == 1
+  assert [r["step"] for r in _metrics(workdir) if "train/loss" in r] == [2, 4, 6, 8, 10, 12]
+  assert json.loads(paths.read_text(f"{workdir}/final.json"))["step"] == 12
+  # It restores in one process (as eval.py restores it), into the reference run's structure.
+  from compact_vit import checkpointing  # pylint: disable=import-outside-toplevel
+  ckpt = checkpointing.TrainCheckpointer(f"{workdir}/checkpoints")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          _final_params(ref["workdir"])[1])
+  params = ckpt.restore_subtree({"params": abstract})["params"]
+  assert ckpt.latest_step() == 12
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 def test_eval_in_a_bucket_reads_the_latest_checkpoint(gcs, ref, data_dir):
