@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import traceback
 from typing import Any, Mapping
 
 import jax
@@ -83,12 +86,48 @@ def load_variables(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return jax.tree.map(np.asarray, tree), meta
 
 
+def _late_tensorstore_callback(unraisable: Any) -> bool:
+  """True for the one report `quiet_late_tensorstore_callbacks` drops: `RuntimeError: Event loop is
+  closed` raised by `loop.call_soon_threadsafe` called straight from tensorstore's C++ (no object,
+  that one frame in the traceback)."""
+  error = unraisable.exc_value
+  if (unraisable.object is not None or not isinstance(error, RuntimeError) or
+      str(error) != "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return (bool(frames) and frames[0].name == "call_soon_threadsafe" and
+          all(f.filename.endswith(os.path.join("asyncio", "base_events.py")) for f in frames))
+
+
+def quiet_late_tensorstore_callbacks() -> None:
+  """Drops tensorstore's reports of futures that finish after the save that awaited them failed.
+
+  Orbax awaits a save's tensorstore writes with asyncio in a thread of its own; when one write
+  fails for good, the gather fails at once, that thread's event loop closes, and every write
+  still in flight later completes into the closed loop: tensorstore reports each one through
+  `sys.unraisablehook` (`RuntimeError: Event loop is closed`, a traceback with no frame of ours),
+  dozens of them around the run's one `error:` line. Nothing waits for those results (the save
+  is already reported as failed), so exactly these reports are dropped; every other one goes to
+  the hook that was there before. Idempotent."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_late_tensorstore_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if not _late_tensorstore_callback(unraisable):
+      previous(unraisable)
+
+  hook._drops_late_tensorstore_callbacks = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def process_local_checkpointer() -> ocp.StandardCheckpointer:
   """An Orbax checkpointer that involves this process only. A default one runs collectives across
   every process of a multi-process run at each save and restore (barriers; a restore all-gathers
   across processes), so a process reading or writing variables that the others do not (a
   converted-weights cache filled by process 0, a cache hit on one host and a miss on another)
   waited for ever (tests/test_faults_multihost.py)."""
+  quiet_late_tensorstore_callbacks()
   pid = jax.process_index()
   return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
       primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"process_{pid}"))
@@ -136,6 +175,7 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str, keep: int = 3):
     self.directory = paths.absolute(paths.check_path(directory, "Checkpoint directory"))
+    quiet_late_tensorstore_callbacks()
     self._errors = _OrbaxErrors()
     logging.getLogger("absl").addFilter(self._errors)
     self._manager = ocp.CheckpointManager(
