@@ -2,7 +2,8 @@
 (tests/gcs_server.py): malformed gs:// paths, a missing bucket and refused permission fail in the
 preflight; `convert --out gs://`, `init_from` from the bucket, Hugging Face weights converted into
 a bucket `COMPACT_VIT_CACHE` once (process 0 converts, another process waits and reads); the sweep's
-outputs; metrics.jsonl rewritten whole in a bucket."""
+outputs; a search's search.json and a token picture; metrics.jsonl rewritten whole in a bucket."""
+import io
 import json
 import os
 import subprocess
@@ -165,3 +166,46 @@ def test_two_point_sweep_in_a_bucket(gcs, data_dir):
   assert [r.split(",")[:2] for r in rows[1:]] == [["0", "2"], ["1", "2"]]
   assert "| 2 |" in paths.read_text(f"{workdir}/results.md")  # one setting, two seeds
   assert paths.read_bytes(f"{workdir}/results.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_and_a_token_picture_written_to_a_bucket(gcs, data_dir, tmp_path, capsys):
+  """search.py's work (`search.run`: a tiny TF-TAS search) and `python -m compact_vit.viz tokens`
+  (its `main`) with every path in the bucket: the weights, the image, the workdir and the picture."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from compact_vit import search, trainer, viz  # pylint: disable=import-outside-toplevel
+  from configs import autoformer_common  # pylint: disable=import-outside-toplevel
+  from test_search import TINY as SUPERNET  # pylint: disable=import-outside-toplevel
+
+  config = autoformer_common.search_config("t", "tf_tas", "quick")
+  config.model.update(SUPERNET)
+  config.img_size = 8
+  config.search.num_candidates, config.search.chunk = 4, 2
+  config.search.min_params_m, config.search.max_params_m = 0.0, 0.006
+  result = search.run(config, "gs://iotest/search")
+  written = json.loads(paths.read_text("gs://iotest/search/search.json"))
+  assert written["method"] == "tf_tas" and len(written["candidates"]) == 4
+  assert written["best"]["score"] == result.best["score"]
+  assert "Wrote gs://iotest/search/search.json" in capsys.readouterr().out
+  with pytest.raises(UserError, match="not a valid gs:// path"):
+    search.run(config, "gs://iotest//search")
+
+  # viz: a DynamicViT (the :quick one, 16x16 digits in 4x4 patches, 3 pruning stages).
+  spec = tmp_path / "viz_config.py"
+  spec.write_text("from configs import dynamicvit_deit_s\n\n\ndef get_config(arg=None):\n"
+                  "  c = dynamicvit_deit_s.get_config('quick')\n"
+                  f"  c.dataset.data_dir = {data_dir!r}\n  return c\n")
+  config = viz.load_config(str(spec))
+  model = trainer.create_model(config, 10)
+  variables = jax.jit(lambda: trainer.init_variables(model, jax.random.key(0), config.img_size))()
+  checkpointing.save_variables("gs://iotest/viz/weights", variables, config.model.name)
+  image = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(
+      image, format="PNG")
+  paths.write_bytes("gs://iotest/viz/image.png", image.getvalue())
+  out = "gs://iotest/viz/tokens.png"
+  assert viz.main(["tokens", "--config", str(spec), "--workdir", "gs://iotest/viz/run", "--image",
+                   "gs://iotest/viz/image.png", "--out", out,
+                   "--init-from", "gs://iotest/viz/weights"]) == 0
+  assert f"Wrote {out}: patches kept per stage [11, 7, 5]." in capsys.readouterr().out
+  picture = Image.open(io.BytesIO(paths.read_bytes(out)))
+  assert picture.format == "PNG" and picture.size == (4 * (viz.PANEL + viz.GAP) - viz.GAP, viz.PANEL)

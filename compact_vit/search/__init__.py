@@ -10,6 +10,7 @@ import json
 
 import ml_collections
 
+from compact_vit import paths
 from compact_vit.errors import UserError
 from compact_vit.search import evolution, nasvit, tf_tas, vit_slim  # noqa: F401  (they register)
 from compact_vit.search.registry import SearchResult, get, register, write_result
@@ -23,7 +24,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
     raise UserError("This config has no config.search.method; search.py needs a search config "
                     "(configs/*_search.py).")
   method = config.search.method
-  result = get(method)(config, workdir)
+  fn = get(method)  # an unknown method fails here, before the workdir is touched
+  paths.check_workdir(workdir)  # a malformed gs:// path, a missing bucket: before any search
+  result = fn(config, workdir)
   path = write_result(workdir, method, result)
   print(f"Best: {json.dumps(result.best, default=float)}", flush=True)
   print(f"Wrote {path}. Train the winner with:\n  {result.train_command}", flush=True)
