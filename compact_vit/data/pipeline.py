@@ -237,7 +237,8 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
 
 
 # Batches made at once (each by a map with `parallel_calls()` examples in flight), so the next
-# batch's examples keep the cores busy while the last examples of one are finished.
+# batch's examples keep the cores busy while the last examples of one are finished. Costs memory:
+# on_accelerator, a batch of canvases is batch x 1.2 MB.
 BATCHES_IN_FLIGHT = 2
 
 
@@ -255,9 +256,11 @@ def _guarded_batches(record_batches: Any, preprocess: Any, canvas: int) -> Any:
   A batch is first made with nothing guarded, in a nested dataset whose errors are dropped; only
   when a record of it fails (the attempt then yields no whole batch) is the batch made again with
   each example guarded, so an unreadable example becomes its `fallback` row and no other row moves.
-  A good batch thus pays for one nested dataset instead of one per example (the per-example guard
-  cost ~0.3 ms of CPU per image, a fifth of the on_accelerator host part:
-  benchmarks/input_pipeline.py); a batch with a bad example is made twice."""
+  A good batch thus pays for one nested dataset instead of one per example (on the JPEGs of
+  benchmarks/input_pipeline.py, 2 cores: the per-example guard cost 0.25-0.3 ms of CPU per image, a
+  sixth of the on_accelerator train host part, and this way costs nothing measurable); a batch
+  with a bad example is made twice. Two batches are made at once (`BATCHES_IN_FLIGHT`: 4 measured
+  slower)."""
   from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
   from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
 
