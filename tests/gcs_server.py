@@ -12,12 +12,12 @@ leaves 127.0.0.1.
 match a rule with 503/429/403, drops the connection, or delays the answer (each rule draws its own
 share from a seeded generator; the first that fires applies).
 
-TensorFlow's GCS file system (TFDS's TFRecord reads from a `gs://` data_dir) has no endpoint setting:
-it always speaks HTTPS to storage.googleapis.com and www.googleapis.com. It honours `https_proxy`
-and `CURL_CA_BUNDLE`, though, so `client_env` sends it to a proxy on loopback (a `FaultProxy`, the
-same rules applying) that accepts its CONNECT for those two hosts only, ends the TLS itself with a
-self-signed certificate made for the session (`CURL_CA_BUNDLE` trusts it), and forwards the plain
-requests to the server.
+TensorFlow's GCS file system (TFDS's TFRecord reads from a `gs://` data_dir) has no endpoint
+setting: it always speaks HTTPS to storage.googleapis.com and www.googleapis.com. It honours
+`https_proxy` and `CURL_CA_BUNDLE`, though, so `client_env` sends it to a proxy on loopback (a
+`FaultProxy`, the same rules applying) that accepts its CONNECT for those two hosts only, ends the
+TLS itself with a self-signed certificate made per test process (`CURL_CA_BUNDLE` trusts it), and
+forwards the plain requests to the server.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import socketserver
 import ssl
@@ -175,10 +176,12 @@ def certificate() -> tuple[str, str]:
   test process, valid for two days. `CURL_CA_BUNDLE` names the certificate file."""
   global _CERTIFICATE
   if _CERTIFICATE is None:
-    from cryptography import x509  # pylint: disable=import-outside-toplevel
-    from cryptography.hazmat.primitives import hashes, serialization  # pylint: disable=import-outside-toplevel
-    from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=import-outside-toplevel
-    from cryptography.x509.oid import NameOID  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    # pylint: enable=import-outside-toplevel
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, GOOGLE_HOSTS[0])])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -191,6 +194,7 @@ def certificate() -> tuple[str, str]:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     directory = tempfile.mkdtemp(prefix="gcs-tls-")
+    atexit.register(shutil.rmtree, directory, True)
     cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     with open(cert_path, "wb") as f:
       f.write(cert.public_bytes(serialization.Encoding.PEM))

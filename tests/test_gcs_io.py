@@ -208,4 +208,5 @@ def test_search_and_a_token_picture_written_to_a_bucket(gcs, data_dir, tmp_path,
                    "--init-from", "gs://iotest/viz/weights"]) == 0
   assert f"Wrote {out}: patches kept per stage [11, 7, 5]." in capsys.readouterr().out
   picture = Image.open(io.BytesIO(paths.read_bytes(out)))
-  assert picture.format == "PNG" and picture.size == (4 * (viz.PANEL + viz.GAP) - viz.GAP, viz.PANEL)
+  assert picture.format == "PNG"
+  assert picture.size == (4 * (viz.PANEL + viz.GAP) - viz.GAP, viz.PANEL)  # the input + 3 stages
