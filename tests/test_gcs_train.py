@@ -158,11 +158,13 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint_reading
     gcs, ref, bucket_data):
   """The run reads its dataset from the bucket (TFDS metadata through etils.epath/gcsfs, its
   TFRecord files through TensorFlow's GCS file system) and is killed inside the save of step 8:
-  that save's first uploads reach the bucket, the rest stall. The same command then resumes from
+  that save's first file reaches the bucket, its other tensorstore uploads hang. The same command then resumes from
   step 4 and ends bit-identical to the reference run, which read the dataset from a local folder."""
   workdir = "gs://runs/killed"
+  # tensorstore's one-request uploads of step 8's files: the first lands, the others hang.
   proxy = gcs_server.FaultProxy(gcs.url, rules=[gcs_server.Rule(
-      "stall", method="POST|PUT|PATCH", path=CHECKPOINT_8, after=2, delay=1800)])
+      "stall", method="POST", path=r"uploadType=media&name=[^&]*checkpoints%2F8%2F", after=1,
+      delay=1800)])
   try:
     proc = subprocess.Popen(_cmd("train.py", workdir, bucket_data), cwd=REPO, env=_env(proxy.url),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
