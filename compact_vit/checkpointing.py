@@ -99,16 +99,42 @@ def _late_tensorstore_callback(unraisable: Any) -> bool:
           all(f.filename.endswith(os.path.join("asyncio", "base_events.py")) for f in frames))
 
 
+def _unretrieved_orbax_failure(record: logging.LogRecord) -> bool:
+  """True for asyncio's report of a future whose exception nobody retrieved, where that exception
+  was raised inside Orbax (a write of a save that has already failed through another write)."""
+  first_line = record.getMessage().split("\n", 1)[0]
+  if not first_line.endswith("exception was never retrieved") or not record.exc_info:
+    return False
+  error = record.exc_info[1]
+  orbax_dir = os.path.dirname(ocp.__file__)
+  while error is not None:
+    if any(f.filename.startswith(orbax_dir) for f in traceback.extract_tb(error.__traceback__)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropUnretrievedOrbaxFailures(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not _unretrieved_orbax_failure(record)
+
+
 def quiet_late_tensorstore_callbacks() -> None:
-  """Drops tensorstore's reports of futures that finish after the save that awaited them failed.
+  """Drops the late reports of writes that fail or finish after the save that awaited them failed.
 
   Orbax awaits a save's tensorstore writes with asyncio in a thread of its own; when one write
-  fails for good, the gather fails at once, that thread's event loop closes, and every write
-  still in flight later completes into the closed loop: tensorstore reports each one through
-  `sys.unraisablehook` (`RuntimeError: Event loop is closed`, a traceback with no frame of ours),
-  dozens of them around the run's one `error:` line. Nothing waits for those results (the save
-  is already reported as failed), so exactly these reports are dropped; every other one goes to
-  the hook that was there before. Idempotent."""
+  fails for good, the gather fails at once and that thread's event loop closes. The writes still in
+  flight then end in one of two ways, each reported dozens of times around the run's one `error:`
+  line, by asyncio or tensorstore, with no frame of ours: a write that completes calls into the
+  closed loop (`RuntimeError: Event loop is closed`, through `sys.unraisablehook`); one that fails
+  too leaves a future whose exception nobody retrieves (`_GatheringFuture exception was never
+  retrieved`, logged by the `asyncio` logger when the future is collected). Nothing waits for those
+  results (the save is already reported as failed, with its first cause), so exactly these reports
+  are dropped; every other one is reported as before. Idempotent."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropUnretrievedOrbaxFailures) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropUnretrievedOrbaxFailures())
   previous = sys.unraisablehook
   if getattr(previous, "_drops_late_tensorstore_callbacks", False):
     return

@@ -219,3 +219,48 @@ def test_hard_distillation_from_a_registry_teacher(tmp_path, data_dir):
   assert out.returncode == 0, out.stderr[-3000:]
   losses = [r["train/loss"] for r in _metrics(tmp_path / "run") if "train/loss" in r]
   assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def _unretrieved_failure(filename):
+  """Lets asyncio report a future whose exception, raised by code in `filename`, nobody retrieved;
+  returns the messages the `asyncio` logger let through."""
+  import asyncio
+  import gc
+  import logging
+
+  class Keep(logging.Handler):
+    def __init__(self):
+      super().__init__()
+      self.messages = []
+
+    def emit(self, record):
+      self.messages.append(record.getMessage())
+
+  keep, logger = Keep(), logging.getLogger("asyncio")
+  logger.addHandler(keep)
+  loop = asyncio.new_event_loop()
+  try:
+    future = loop.create_future()
+    try:
+      exec(compile("raise ValueError('RESOURCE_EXHAUSTED: No space left on device')", filename,
+                   "exec"), {})
+    except ValueError as e:
+      future.set_exception(e)
+    del future
+    gc.collect()
+  finally:
+    loop.close()
+    logger.removeHandler(keep)
+  return keep.messages
+
+
+def test_unretrieved_failures_of_orbax_writes_are_dropped_and_others_kept():
+  """After a failed save, writes that fail too are reported by asyncio when their futures are
+  collected; those (raised in Orbax) are duplicates of the one `error:` line and are dropped."""
+  import orbax.checkpoint as ocp
+  checkpointing.quiet_late_tensorstore_callbacks()
+  checkpointing.quiet_late_tensorstore_callbacks()  # idempotent: one filter
+  orbax_file = os.path.join(os.path.dirname(ocp.__file__), "_src", "serialization", "write.py")
+  assert _unretrieved_failure(orbax_file) == []
+  kept = _unretrieved_failure(os.path.join(REPO, "compact_vit", "trainer.py"))
+  assert len(kept) == 1 and "Future exception was never retrieved" in kept[0], kept
