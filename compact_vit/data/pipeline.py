@@ -186,7 +186,7 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
   """Infinite train batches from step `start_step` on: {'image': float32 (B, img_size, img_size, 3)
   normalised, 'label': int32 (B,)} with B = batch_size (per process)."""
   from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
-  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  from compact_vit.data._tf import plain, tf  # pylint: disable=g-import-not-at-top
   _check(batch_size=batch_size, process_index=process_index, process_count=process_count,
          img_size=img_size)
   if start_step < 0:
@@ -208,7 +208,7 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
     if repeated.on:
       ds = repeated.arrange(ds, batch_size=batch_size, process_count=process_count)
     ds = ds.take(steps * batch_size)
-    return ds.enumerate().map(lambda i, rec: (key, i, rec))
+    return ds.enumerate().map(plain(lambda i, rec: (key, i, rec)))
 
   on_accelerator = resolve_on_accelerator(_field(dataset_cfg, 'on_accelerator'))
   canvas = _canvas(dataset_cfg, img_size) if on_accelerator else 0
@@ -228,9 +228,9 @@ def train_iterator(dataset_cfg: Any, aug_cfg: Any, *, img_size: int, batch_size:
     return {**out, 'label': label, **_outcome(ok, name)}
 
   # One pipeline for all epochs, so the augmentation graph is instantiated once.
-  ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch_records).skip(skip_steps * batch_size)
+  ds = tf.data.Dataset.counter(first_epoch).flat_map(plain(epoch_records)).skip(skip_steps * batch_size)
   ds = _guarded_batches(ds.batch(batch_size, drop_remainder=True), preprocess, canvas)
-  ds = ds.map(_fill_skipped_rows)
+  ds = ds.map(plain(_fill_skipped_rows))
   epoch_examples = steps * batch_size
   return Batches(ds.prefetch(2).with_options(_options()).as_numpy_iterator(), what='train',
                  max_skipped=_max_skipped(dataset_cfg, epoch_examples), epoch_examples=epoch_examples)
@@ -262,22 +262,22 @@ def _guarded_batches(record_batches: Any, preprocess: Any, canvas: int) -> Any:
   with a bad example is made twice. Two batches are made at once (`BATCHES_IN_FLIGHT`: 4 measured
   slower)."""
   from compact_vit.data import transforms  # pylint: disable=g-import-not-at-top
-  from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+  from compact_vit.data._tf import plain, tf  # pylint: disable=g-import-not-at-top
 
   def make(*records):
     count = tf.shape(tf.nest.flatten(records)[0], out_type=tf.int64)[0]
     examples = tf.data.Dataset.from_tensor_slices(records)
 
     def attempt(guard):
-      made = examples.map(functools.partial(preprocess, guard), num_parallel_calls=parallel_calls())
+      made = examples.map(plain(functools.partial(preprocess, guard)), num_parallel_calls=parallel_calls())
       return _batch(made, count, canvas)
 
     # After an error the inner batch goes on with the records behind the failed one: a short batch.
     whole = attempt(_unguarded).ignore_errors().filter(
-        lambda batch: tf.equal(tf.shape(batch['skipped'], out_type=tf.int64)[0], count))
+        plain(lambda batch: tf.equal(tf.shape(batch['skipped'], out_type=tf.int64)[0], count)))
     return whole.concatenate(attempt(transforms.guarded)).take(1).get_single_element()
 
-  return record_batches.map(make, num_parallel_calls=BATCHES_IN_FLIGHT)
+  return record_batches.map(plain(make), num_parallel_calls=BATCHES_IN_FLIGHT)
 
 
 def _max_skipped(cfg: Any, epoch_examples: int) -> int:

@@ -96,7 +96,7 @@ class RepeatedAug:
   def arrange(self, records: Any, *, batch_size: int, process_count: int) -> Any:
     """tf.data records of one epoch in base order → this slice's rows in batch order (infinite:
     cut it to steps * batch_size). `batch_size` is the slice's; the slice holds R / S blocks."""
-    from compact_vit.data._tf import tf  # pylint: disable=g-import-not-at-top
+    from compact_vit.data._tf import plain, tf  # pylint: disable=g-import-not-at-top
     blocks = self.replicas // process_count
     per_block = batch_size // blocks
     # Row j * per_block + i of a slice batch is position j + blocks * i of the slice's chunk.
@@ -112,5 +112,5 @@ class RepeatedAug:
       out = tuple(tf.gather(x, order) for x in batch)
       return out if len(out) > 1 else out[0]
 
-    ds = records.map(copies).unbatch().repeat()  # Wraps around past the end, as the authors'.
-    return ds.batch(batch_size, drop_remainder=True).map(place).unbatch()
+    ds = records.map(plain(copies)).unbatch().repeat()  # Wraps around past the end, as the authors'.
+    return ds.batch(batch_size, drop_remainder=True).map(plain(place)).unbatch()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from compact_vit.data import transforms
-from compact_vit.data._tf import tf, tfds
+from compact_vit.data._tf import plain, tf, tfds
 from compact_vit.data.settings import LOST_MARK  # A damaged file's lost records: FILE + LOST_MARK + count.
 from compact_vit.errors import UserError
 
@@ -62,7 +62,7 @@ def _indexed(refs: np.ndarray, labels: np.ndarray, names: np.ndarray | None, loa
     if key is not None:
       index = tf.random.experimental.stateless_shuffle(index, key)
     return tf.data.Dataset.from_tensor_slices(index).map(
-        lambda i: (tf.gather(refs, i), tf.gather(labels, i), tf.gather(names, i)))
+        plain(lambda i: (tf.gather(refs, i), tf.gather(labels, i), tf.gather(names, i))))
 
   return Shard(size=int(labels.shape[0]), records=records, load=load, exact_shuffle=True,
                fixed_shape=fixed_shape)
@@ -137,11 +137,11 @@ class TfdsDataset:
       # A truncated file ends early without an error, a corrupt one with an error: either way the
       # file still yields takes[i] records, the missing ones empty (they fail to decode and are
       # skipped), so no later record moves.
-      lost = tf.data.Dataset.range(takes[i]).map(lambda j: (
+      lost = tf.data.Dataset.range(takes[i]).map(plain(lambda j: (
           tf.constant(b''), tf.constant(0, tf.int32),
-          tf.strings.join([names[i], LOST_MARK, tf.strings.as_string(j + 1)])))
+          tf.strings.join([names[i], LOST_MARK, tf.strings.as_string(j + 1)]))))
       ds = tf.data.TFRecordDataset(names[i]).skip(skips[i]).take(takes[i]).enumerate(skips[i])
-      ds = ds.map(lambda k, serialized: parse(serialized, names[i], k)).ignore_errors()
+      ds = ds.map(plain(lambda k, serialized: parse(serialized, names[i], k))).ignore_errors()
       return ds.concatenate(lost).take(takes[i])
 
     def parse(serialized, filename, k):
@@ -155,7 +155,7 @@ class TfdsDataset:
       if key is not None:
         order = tf.random.experimental.stateless_shuffle(order, key)
       ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-          read, cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
+          plain(read), cycle_length=16, block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
           deterministic=True)
       return ds
 
@@ -293,7 +293,7 @@ def in_memory(shard: Shard) -> Shard:
   records = shard.records(None)
   if not shard.fixed_shape:  # An unreadable file is cached empty, which does not decode.
     read = transforms.guarded(shard.load, tf.constant(b''))
-    ds = records.map(lambda ref, label, name: (read(ref)[0], label, name), tf.data.AUTOTUNE)
+    ds = records.map(plain(lambda ref, label, name: (read(ref)[0], label, name)), tf.data.AUTOTUNE)
     refs, labels, names = [], [], []
     for ref, label, name in ds.batch(1024).as_numpy_iterator():
       refs.append(ref)
@@ -304,7 +304,7 @@ def in_memory(shard: Shard) -> Shard:
     return _indexed(np.concatenate(refs), np.concatenate(labels), np.concatenate(names),
                     lambda data: data, fixed_shape=False)
   decode = transforms.guarded(lambda ref: transforms.decode(shard.load(ref)), tf.zeros([0, 0, 3], tf.uint8))
-  ds = records.map(lambda ref, label, name: (*decode(ref), label, name), tf.data.AUTOTUNE)
+  ds = records.map(plain(lambda ref, label, name: (*decode(ref), label, name)), tf.data.AUTOTUNE)
   batches = list(ds.padded_batch(1024, padded_shapes=([None, None, 3], [], [], [])).as_numpy_iterator())
   if not batches:
     return shard

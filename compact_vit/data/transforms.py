@@ -28,7 +28,7 @@ import math
 from typing import Any, Callable, Sequence
 
 from compact_vit.data import augment
-from compact_vit.data._tf import tf
+from compact_vit.data._tf import plain, tf
 from compact_vit.data.settings import RandAugmentConfig, TrainAugment  # pylint: disable=unused-import  (re-exported)
 
 
@@ -40,7 +40,7 @@ def guarded(fn: Callable[..., Any], fallback: Any) -> Callable[..., tuple[Any, t
   ok_fallback = (fallback, tf.constant(False))
 
   def call(*args):
-    attempt = tf.data.Dataset.from_tensors(args).map(lambda *a: (fn(*a), tf.constant(True)))
+    attempt = tf.data.Dataset.from_tensors(args).map(plain(lambda *a: (fn(*a), tf.constant(True))))
     return attempt.ignore_errors().concatenate(
         tf.data.Dataset.from_tensors(ok_fallback)).take(1).get_single_element()
 
@@ -138,7 +138,7 @@ def _finish_train(aug: TrainAugment, img_size: int, mean: tuple[float, ...], std
   fill = [min(255, round(255 * m)) for m in mean]
   ra_config = RandAugmentConfig.parse(aug.randaugment) if aug.randaugment else None
 
-  @tf.function(jit_compile=True, reduce_retracing=True)
+  @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
   def finish(resized, k_flip, k_color):
     image = round_to_uint8(resized)
     if aug.hflip:
@@ -156,7 +156,7 @@ def _finish_train(aug: TrainAugment, img_size: int, mean: tuple[float, ...], std
 def _finish_eval(mean: tuple[float, ...], std: tuple[float, ...]):
   """XLA-compiled: resized float32 → rounded to uint8 → normalised."""
   return tf.function(lambda resized: normalize(round_to_uint8(resized), mean, std), jit_compile=True,
-                     reduce_retracing=True)
+                     reduce_retracing=True, autograph=False)
 
 
 def train_transform(data: tf.Tensor, key: tf.Tensor, aug: TrainAugment, *, img_size: int,
