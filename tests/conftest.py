@@ -9,6 +9,7 @@ import atexit
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -22,6 +23,15 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from compact_vit.models import create_model  # pylint: disable=wrong-import-position
+
+
+def pytest_sessionfinish(session):
+  """Stops this process's GCS-compatible server, if a test started one, when the session ends rather
+  than only at exit (after one CI run a server was found still running)."""
+  del session
+  gcs_server = sys.modules.get("gcs_server")
+  if gcs_server is not None and gcs_server._SERVER is not None:  # pylint: disable=protected-access
+    gcs_server._SERVER.stop()  # pylint: disable=protected-access
 
 
 def rel_err(ours, ref) -> float:
