@@ -101,11 +101,14 @@ def _late_tensorstore_callback(unraisable: Any) -> bool:
 
 def _unretrieved_orbax_failure(record: logging.LogRecord) -> bool:
   """True for asyncio's report of a future whose exception nobody retrieved, where that exception
-  was raised inside Orbax (a write of a save that has already failed through another write)."""
+  came from a checkpoint write: raised inside Orbax, or set by tensorstore's native code (which
+  leaves no Python traceback at all)."""
   first_line = record.getMessage().split("\n", 1)[0]
   if not first_line.endswith("exception was never retrieved") or not record.exc_info:
     return False
   error = record.exc_info[1]
+  if error is None or error.__traceback__ is None:
+    return error is not None
   orbax_dir = os.path.dirname(ocp.__file__)
   while error is not None:
     if any(f.filename.startswith(orbax_dir) for f in traceback.extract_tb(error.__traceback__)):
@@ -128,8 +131,9 @@ def quiet_late_tensorstore_callbacks() -> None:
   flight then end in one of two ways, each reported dozens of times around the run's one `error:`
   line, by asyncio or tensorstore, with no frame of ours: a write that completes calls into the
   closed loop (`RuntimeError: Event loop is closed`, through `sys.unraisablehook`); one that fails
-  too leaves a future whose exception nobody retrieves (`_GatheringFuture exception was never
-  retrieved`, logged by the `asyncio` logger when the future is collected). Nothing waits for those
+  too leaves a future whose exception nobody retrieves (`Future` / `_GatheringFuture exception was
+  never retrieved`, logged by the `asyncio` logger when the future is collected; the exception was
+  raised in Orbax, or set by tensorstore without a Python traceback). Nothing waits for those
   results (the save is already reported as failed, with its first cause), so exactly these reports
   are dropped; every other one is reported as before. Idempotent."""
   asyncio_logger = logging.getLogger("asyncio")
