@@ -214,3 +214,23 @@ def test_cli_user_errors(tmp_path, capsys, argv, message):
 def test_bad_batch_is_a_user_error(efficientformer):
   with pytest.raises(UserError, match="positive batch size"):
     export.to_onnx(*efficientformer, batch=-1)
+
+
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (3, 1, 1), (5, 2, 2)])
+@pytest.mark.parametrize("batch", [2, "B"], ids=["static", "dynamic"])
+def test_max_pool_padding_folds_into_the_max_pool(window, stride, padding, batch):
+  """The export form's -inf Pad before a MaxPool becomes the MaxPool's own `pads` (no Pad left in
+  the graph), with the same values as the XLA form on inputs with negatives and odd sizes (zero
+  padding would differ at the borders)."""
+  from compact_vit.export import onnx as export_onnx
+  x = np.random.default_rng(0).standard_normal((3, 15, 16, 8), dtype=np.float32)
+  pool = lambda x: layers.pool2d(x, window, stride, padding, "max")
+  proto = export_onnx._convert(pool, (batch, 15, 16, 8), "max_pool")  # pylint: disable=protected-access
+  ops = Counter(n.op_type for n in proto.graph.node)
+  assert ops["MaxPool"] == 1 and not ops["Pad"], ops
+  (node,) = [n for n in proto.graph.node if n.op_type == "MaxPool"]
+  assert [list(a.ints) for a in node.attribute if a.name == "pads"] == [[padding] * 4]
+  used = {name for n in proto.graph.node for name in n.input}
+  assert all(t.name in used for t in proto.graph.initializer)  # the Pad's constants went with it
+  x = x if batch == "B" else x[:2]
+  np.testing.assert_array_equal(export_onnx.run(export_onnx.session(proto), x), np.asarray(pool(x)))
