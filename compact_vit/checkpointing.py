@@ -117,10 +117,9 @@ def _unretrieved_orbax_failure(record: logging.LogRecord) -> bool:
   return False
 
 
-class _DropUnretrievedOrbaxFailures(logging.Filter):
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not _unretrieved_orbax_failure(record)
+def _keep_asyncio_record(record: logging.LogRecord) -> bool:
+  """The `asyncio` logger's filter: every record but an unretrieved checkpoint-write failure."""
+  return not _unretrieved_orbax_failure(record)
 
 
 def quiet_late_tensorstore_callbacks() -> None:
@@ -137,8 +136,8 @@ def quiet_late_tensorstore_callbacks() -> None:
   results (the save is already reported as failed, with its first cause), so exactly these reports
   are dropped; every other one is reported as before. Idempotent."""
   asyncio_logger = logging.getLogger("asyncio")
-  if not any(isinstance(f, _DropUnretrievedOrbaxFailures) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_DropUnretrievedOrbaxFailures())
+  if _keep_asyncio_record not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_keep_asyncio_record)
   previous = sys.unraisablehook
   if getattr(previous, "_drops_late_tensorstore_callbacks", False):
     return
