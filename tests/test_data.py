@@ -49,6 +49,26 @@ def test_pipeline_imports_without_tensorflow():
   subprocess.run([sys.executable, '-c', code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+_KERAS_PROBE = '''
+import sys
+from compact_vit.data import _tf
+assert "keras" not in sys.modules, "TensorFlow's import pulled in Keras"
+assert "keras.src.optimizers" not in sys.modules  # the hold is lifted
+from tensorflow.keras import layers
+import keras
+assert keras.optimizers.Adam is _tf.tf.keras.optimizers.Adam
+print(tuple(layers.Dense(3)(_tf.tf.zeros([1, 2])).shape))
+'''
+
+
+def test_tensorflow_loads_without_keras_and_keras_still_works():
+  """The input pipeline's TensorFlow import skips TF's eager import of Keras (~2 s per start);
+  Keras, `tf.keras` and `tensorflow.keras` still load when used."""
+  out = subprocess.run([sys.executable, '-c', _KERAS_PROBE], check=True, text=True,
+                       capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.strip() == '(1, 3)', out.stderr[-2000:]
+
+
 def test_digits_info_and_fixed_split(data_dir):
   from compact_vit.data import digits
   info = pipeline.get_info(dataset_cfg(data_dir))
