@@ -143,10 +143,14 @@ def test_efficientformerv2_attention_export_forms_match(module):
   assert rel_err(exported, plain) <= 1e-5
 
 
-def test_efficientformerv2_exports_matmul_attention_and_resize():
+def test_efficientformerv2_exports_matmul_attention_and_resize(tmp_path):
   """EfficientFormerV2's graph holds MatMul attention and one Resize per strided attention, no
   Einsum; with its layer scales set to one (the attention then moves the logits), it still runs
-  in onnxruntime like `model.apply`."""
+  in onnxruntime like `model.apply`. After onnxruntime's optimisation no Transpose is left but the
+  NHWC input's: q, k and v enter the MatMuls channels-first, as in timm's graph (which keeps one
+  Transpose per attention)."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   name = "efficientformerv2_s0"
   model, variables = _model(name, SMALL[name])
   variables = jax.tree_util.tree_map_with_path(
@@ -155,6 +159,13 @@ def test_efficientformerv2_exports_matmul_attention_and_resize():
   assert exported.max_rel_err <= RTOL
   ops = Counter(n.op_type for n in exported.proto.graph.node)
   assert ops["MatMul"] >= 4 and ops["Resize"] == 1 and not ops["Einsum"]
+  options = ort.SessionOptions()
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+  ort.InferenceSession(exported.proto.SerializeToString(), options,
+                       providers=["CPUExecutionProvider"])
+  optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+  assert optimized["Transpose"] == 1 and optimized["FusedMatMul"] >= 4, optimized
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "efficientformerv2_s0"])

@@ -34,7 +34,7 @@ from compact_vit.models.efficientformer import (RATES, check_img_size, distilled
                                                 relative_bias_index)
 from compact_vit.nn.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
                                    check_input_size, check_settings, conv_general_dilated,
-                                   conv_init, drop_path_rates, exporting, matmul_attention,
+                                   conv_init, drop_path_rates, exporting,
                                    settings_problems, to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
@@ -81,9 +81,17 @@ def _tokens(x: jax.Array, heads: int) -> jax.Array:
   return x.reshape(x.shape[0], -1, heads, x.shape[-1] // heads)
 
 
-def _heads_first(x: jax.Array, heads: int) -> jax.Array:
-  """(B, H, W, heads * d) -> (B, heads, H*W, d)."""
-  return jnp.swapaxes(_tokens(x, heads), 1, 2)
+def _channels_first(x: jax.Array, heads: int) -> jax.Array:
+  """(B, H, W, heads * d) -> (B, heads, d, H*W), timm's layout of q, k and v. In an ONNX export the
+  transpose cancels against the one the Conv lowering puts after the convolution, and the
+  matmuls below take these operands through their own transposes (onnxruntime's FusedMatMul)."""
+  batch, height, width, channels = x.shape
+  return jnp.transpose(x, (0, 3, 1, 2)).reshape(batch, heads, channels // heads, height * width)
+
+
+def _channels_last(x: jax.Array, height: int, width: int) -> jax.Array:
+  """(B, heads, d, H*W) -> (B, H, W, heads * d): the inverse of `_channels_first`."""
+  return jnp.transpose(x.reshape(x.shape[0], -1, height, width), (0, 2, 3, 1))
 
 
 class Attention2d(nn.Module):
@@ -121,16 +129,16 @@ class Attention2d(nn.Module):
     talk = functools.partial(nn.Conv, heads, (1, 1), kernel_init=conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     talk1, talk2 = talk(name="talking_head1"), talk(name="talking_head2")
-    if exporting():  # heads-first MatMuls (ONNX MatMul); the transposes around the talking-head
-      # convs cancel against the ones the Conv lowering adds (timm's layout, NCHW over heads)
+    if exporting():  # timm's layout: heads-first MatMuls on channels-first q, k, v (ONNX
+      # MatMul); the transposes around the talking-head convs cancel against the Conv lowering's
       heads_last, heads_first = (lambda t: jnp.transpose(t, (0, 2, 3, 1)),
                                  lambda t: jnp.transpose(t, (0, 3, 1, 2)))
-      logits = jnp.matmul(_heads_first(q, heads) * self.key_dim**-0.5,
-                          jnp.swapaxes(_heads_first(k, heads), -1, -2)).astype(jnp.float32)
+      qt, kt, vt = (_channels_first(t, heads) for t in (q, k, v))  # (B, heads, d, N)
+      logits = (jnp.matmul(jnp.swapaxes(qt, -1, -2), kt) * self.key_dim**-0.5).astype(jnp.float32)
       logits = heads_first(talk1(heads_last(logits + bias.astype(jnp.float32))))
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
       weights = heads_first(talk2(heads_last(weights)))
-      out = jnp.swapaxes(jnp.matmul(weights, _heads_first(v, heads)), 1, 2)
+      out = _channels_last(jnp.matmul(vt, jnp.swapaxes(weights, -1, -2)), height, width)
     else:
       logits = jnp.einsum("bqhd,bkhd->bqkh", _tokens(q, heads) * self.key_dim**-0.5,
                           _tokens(k, heads)).astype(jnp.float32)
@@ -138,7 +146,8 @@ class Attention2d(nn.Module):
       logits = talk1(logits).astype(jnp.float32)
       weights = talk2(jax.nn.softmax(logits, axis=2).astype(v.dtype))
       out = jnp.einsum("bqkh,bkhd->bqhd", weights, _tokens(v, heads))
-    out = out.reshape(batch, height, width, val_dim) + v_local
+      out = out.reshape(batch, height, width, val_dim)
+    out = out + v_local
     if self.stride is not None:
       out = upsample2x_bilinear(out)
     return conv_norm(dim, name="proj")(gelu(out), train)
@@ -186,16 +195,18 @@ class Attention2dDownsample(nn.Module):
     biases = self.param("attention_biases", nn.initializers.zeros, (heads, height * width),
                         self.param_dtype)
     bias = biases[:, relative_bias_index(q.shape[1:3], (height, width), query_stride=2)]
-    if exporting():  # heads-first MatMuls and Softmax (ONNX MatMul, Softmax)
-      out = jnp.swapaxes(matmul_attention(_heads_first(q, heads) * self.key_dim**-0.5,
-                                          _heads_first(k, heads), _heads_first(v, heads),
-                                          bias=bias), 1, 2)
+    if exporting():  # as in Attention2d: heads-first MatMuls on channels-first q, k, v
+      qt, kt, vt = (_channels_first(t, heads) for t in (q, k, v))
+      logits = (jnp.matmul(jnp.swapaxes(qt, -1, -2), kt) * self.key_dim**-0.5).astype(jnp.float32)
+      weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = _channels_last(jnp.matmul(vt, jnp.swapaxes(weights, -1, -2)), *q.shape[1:3])
     else:
       logits = jnp.einsum("bqhd,bkhd->bhqk", _tokens(q, heads) * self.key_dim**-0.5,
                           _tokens(k, heads)).astype(jnp.float32)
       weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(v.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, _tokens(v, heads))
-    out = out.reshape(batch, *q.shape[1:3], val_dim) + v_local
+      out = out.reshape(batch, *q.shape[1:3], val_dim)
+    out = out + v_local
     return conv_norm(self.out_dim, name="proj")(gelu(out), train)
 
 
