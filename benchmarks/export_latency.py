@@ -2,13 +2,17 @@
 with `torch.onnx.export`, and the token reducers beside their dense backbones.
 
   python benchmarks/export_latency.py [--models NAME,...|all] [--batches 1,32] [--threads 2]
-      [--rounds 15] [--reducers | --no-reducers] [--out benchmarks/results/export_cpu.md]
+      [--rounds 15] [--layout nchw|nhwc] [--reducers | --no-reducers]
+      [--out benchmarks/results/export_cpu.md]
 
 For each model with a timm version: timm's model (random init, eval mode) is converted to our
 variables (`compact_vit.convert.load_pytorch_state_dict`), so both sides hold the same weights;
 ours is exported by `compact_vit.export.to_onnx` (checked on photos against `model.apply`), timm's
 by `torch.onnx.export` (the TorchScript exporter, opset 17, which folds BatchNorm into the
-convolutions), and both logits are compared on the same photos. Both run in onnxruntime with the
+convolutions), and both logits are compared on the same photos. By default ours is exported with
+`layout='nchw'`, so both files take the same (B, 3, H, W) tensor, as a deployment that swaps one
+for the other would feed them; `--layout nhwc` times ours on the NHWC input `model.apply` takes
+(one more Transpose at the input). Both run in onnxruntime with the
 same session options (`--threads` intra-op threads, all graph optimisations), at each batch size,
 in alternating rounds in one process (the order flips every other round); a round times
 `--calls` runs of each. The ratio is the median over rounds of ours / timm in the same round (below
@@ -73,7 +77,7 @@ def timm_pair(name: str, batch: int):
 REDUCER_RTOL = 1e-2
 
 
-def our_export(name: str, batch: int, variables=None):
+def our_export(name: str, batch: int, variables=None, layout: str = "nhwc"):
   """(model, variables, Export) of our `name` at `batch` (random variables unless given)."""
   from compact_vit import export, profile  # pylint: disable=import-outside-toplevel
   from compact_vit.models import create_model  # pylint: disable=import-outside-toplevel
@@ -82,7 +86,7 @@ def our_export(name: str, batch: int, variables=None):
     variables = profile.random_variables(model, (1, model.img_size, model.img_size, 3))
   rtol = REDUCER_RTOL if name in REDUCERS else export.PARITY_RTOL
   return model, variables, export.to_onnx(model, variables, batch=batch, model_name=name,
-                                          rtol=rtol)
+                                          rtol=rtol, layout=layout)
 
 
 def alternate(sessions: dict, feeds: dict, rounds: int, calls: int) -> dict[str, list[float]]:
@@ -114,12 +118,15 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--calls", type=int, default=0, help="runs per round (0: 8 at batch 1, 1 "
                       "at larger batches)")
+  parser.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
+                      help="our exports' input layout (timm's is NCHW)")
   parser.add_argument("--reducers", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/export_cpu.md"))
   args = parser.parse_args()
   import torch  # pylint: disable=import-outside-toplevel  # before anything imports TensorFlow
   torch.set_num_threads(args.threads)
   from compact_vit import export  # pylint: disable=import-outside-toplevel
+  from compact_vit.export.onnx import feed  # pylint: disable=import-outside-toplevel
   names = list(TIMM) if args.models == "all" else [n for n in args.models.split(",") if n]
   unknown = sorted(set(names) - set(TIMM))
   if unknown:
@@ -132,10 +139,10 @@ def main() -> None:
     images = export.photo_batch(batch, 224)
     for name in names:
       model, variables, timm_onnx = timm_pair(name, batch)
-      _, _, ours = our_export(name, batch, variables)
+      _, _, ours = our_export(name, batch, variables, args.layout)
       sessions = {"ours": export.session(ours.proto, args.threads),
                   "timm": export.session(timm_onnx, args.threads)}
-      feeds = {"ours": {sessions["ours"].get_inputs()[0].name: images},
+      feeds = {"ours": feed(sessions["ours"], images),
                "timm": {"x": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}}
       logits = {k: s.run(None, feeds[k])[0] for k, s in sessions.items()}
       agree = float(np.abs(logits["ours"] - logits["timm"]).max()
@@ -149,10 +156,11 @@ def main() -> None:
       bases = {}
       for reducer, base in REDUCERS.items():
         if base not in bases:
-          bases[base] = export.session(our_export(base, batch)[2].proto, args.threads)
-        sessions = {reducer: export.session(our_export(reducer, batch)[2].proto, args.threads),
-                    base: bases[base]}
-        feeds = {k: {s.get_inputs()[0].name: images} for k, s in sessions.items()}
+          bases[base] = export.session(our_export(base, batch, layout=args.layout)[2].proto,
+                                       args.threads)
+        reduced = our_export(reducer, batch, layout=args.layout)[2]
+        sessions = {reducer: export.session(reduced.proto, args.threads), base: bases[base]}
+        feeds = {k: feed(s, images) for k, s in sessions.items()}
         secs = alternate(sessions, feeds, args.rounds, calls)
         med, low, high = ratio(secs, reducer, base)
         reducer_rows.append((reducer, base, batch, 1e3 * np.median(secs[reducer]),
@@ -168,10 +176,11 @@ def write(args, rows, reducer_rows, load_before, load_after) -> None:
   lines = [
       "# ONNX export latency in onnxruntime (CPU)", "",
       f"`python benchmarks/export_latency.py --models {args.models} --batches {args.batches} "
-      f"--threads {args.threads} --rounds {args.rounds}`", "",
+      f"--threads {args.threads} --rounds {args.rounds} --layout {args.layout}`", "",
       f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; onnxruntime "
       f"{onnxruntime.__version__}, {args.threads} intra-op threads, all graph optimisations; "
-      f"torch {torch.__version__} (`torch.onnx.export`, TorchScript exporter, opset 17). "
+      f"torch {torch.__version__} (`torch.onnx.export`, TorchScript exporter, opset 17); ours "
+      f"exported with layout={args.layout}. "
       f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in load_before)}; "
       f"after: {', '.join(f'{x:.1f}' for x in load_after)} (the machine is shared; ratios "
       "come from alternating rounds in one process, milliseconds are medians over rounds).", "",

@@ -57,6 +57,17 @@ def _apply(model, variables, images):
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
+def _optimized_ops(proto, tmp_path) -> Counter:
+  """Operator counts of the graph onnxruntime runs after its optimisations (all levels)."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  options = ort.SessionOptions()
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+  ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+  return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_small_config_runs_in_onnxruntime_like_apply(name):
   model, variables = _model(name, SMALL[name])
@@ -149,8 +160,6 @@ def test_efficientformerv2_exports_matmul_attention_and_resize(tmp_path):
   in onnxruntime like `model.apply`. After onnxruntime's optimisation no Transpose is left but the
   NHWC input's: q, k and v enter the MatMuls channels-first, as in timm's graph (which keeps one
   Transpose per attention)."""
-  import onnx  # pylint: disable=import-outside-toplevel
-  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   name = "efficientformerv2_s0"
   model, variables = _model(name, SMALL[name])
   variables = jax.tree_util.tree_map_with_path(
@@ -159,13 +168,32 @@ def test_efficientformerv2_exports_matmul_attention_and_resize(tmp_path):
   assert exported.max_rel_err <= RTOL
   ops = Counter(n.op_type for n in exported.proto.graph.node)
   assert ops["MatMul"] >= 4 and ops["Resize"] == 1 and not ops["Einsum"]
-  options = ort.SessionOptions()
-  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-  options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-  ort.InferenceSession(exported.proto.SerializeToString(), options,
-                       providers=["CPUExecutionProvider"])
-  optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+  optimized = _optimized_ops(exported.proto, tmp_path)
   assert optimized["Transpose"] == 1 and optimized["FusedMatMul"] >= 4, optimized
+
+
+@pytest.mark.parametrize("name", ["efficientformerv2_s0", "resnext50_32x4d"])
+def test_nchw_layout_takes_torch_input_without_a_transpose(name, tmp_path):
+  """`layout='nchw'`: the file takes (B, 3, H, W) as a PyTorch model's export does, says so in its
+  metadata (so `run` and the int8 calibration still take NHWC photos), gives the same logits, and
+  after onnxruntime's optimisation holds no Transpose at all (the NHWC export keeps the input's)."""
+  model, variables = _model(name, SMALL[name])
+  size = layers.to_pair(model.img_size)[0]
+  nhwc = export.to_onnx(model, variables, batch=2)
+  nchw = export.to_onnx(model, variables, batch=2, layout="nchw")
+  assert nchw.input_shape == (2, 3, size, size) and nchw.img_size == (size, size)
+  sess = export.session(nchw.proto)
+  assert sess.get_modelmeta().custom_metadata_map["input_layout"] == "nchw"
+  images = random_images(2, size, seed=5)
+  torch_layout = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+  logits = sess.run(None, {sess.get_inputs()[0].name: torch_layout})[0]
+  assert rel_err(logits, _apply(model, variables, images)) <= RTOL
+  np.testing.assert_array_equal(export.run(sess, images), logits)
+  assert _optimized_ops(nhwc.proto, tmp_path)["Transpose"] == 1
+  assert _optimized_ops(nchw.proto, tmp_path)["Transpose"] == 0
+  if name == "resnext50_32x4d":  # static int8: calibration batches go in through the layout
+    report = export.quantize(nchw, "static", calibration_images=4, rounds=1)
+    assert report.proto.metadata_props[-1].value == "nchw" and report.logit_drift < 0.5
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "efficientformerv2_s0"])
@@ -198,7 +226,10 @@ def test_cli_writes_a_checked_model(tmp_path, capsys):
   assert record["params"] > 5e6 and record["gmacs"] > 0 and record["latency_ms"] > 0
   assert record["max_rel_err"] <= RTOL and record["out"] == str(out)
   sess = export.session(out.read_bytes())
-  assert sess.get_inputs()[0].shape == [2, 32, 32, 3]
+  assert sess.get_inputs()[0].shape == [2, 32, 32, 3] and record["layout"] == "nhwc"
+  assert cli.main(["--model", "deit_tiny_patch16_224", "--img-size", "32", "--layout", "nchw",
+                   "--out", str(out)]) == 0
+  assert export.session(out.read_bytes()).get_inputs()[0].shape == [1, 3, 32, 32]
 
 
 def test_cli_refuses_a_slower_int8_model(tmp_path, capsys, monkeypatch):
@@ -225,6 +256,8 @@ def test_cli_user_errors(tmp_path, capsys, argv, message):
 def test_bad_batch_is_a_user_error(efficientformer):
   with pytest.raises(UserError, match="positive batch size"):
     export.to_onnx(*efficientformer, batch=-1)
+  with pytest.raises(UserError, match="use one of nhwc, nchw"):
+    export.to_onnx(*efficientformer, layout="NCWH")
 
 
 @pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (3, 1, 1), (5, 2, 2)])

@@ -1,5 +1,5 @@
 """`python -m compact_vit.export --model NAME [--checkpoint SPEC | --config C --workdir W]
---format onnx [--batch N|dynamic] [--int8 dynamic|static] --out FILE.onnx`
+--format onnx [--batch N|dynamic] [--layout nhwc|nchw] [--int8 dynamic|static] --out FILE.onnx`
 
 Exports the model, checks its logits against `model.apply` on real photos (relative error at most
 1e-4) before writing, and prints one JSON line: params, GMACs per image, the onnxruntime latency
@@ -33,6 +33,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--format", default="onnx", choices=["onnx"])
   parser.add_argument("--batch", default="1", help="batch size, or 'dynamic' (default 1)")
   parser.add_argument("--img-size", type=int, help="input size (default: the model's)")
+  parser.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"],
+                      help="the exported model's input: (B, H, W, 3) as model.apply takes it "
+                      "(default), or (B, 3, H, W) as a PyTorch model's export takes it")
   parser.add_argument("--int8", choices=["dynamic", "static"], help="onnxruntime int8 quantization")
   parser.add_argument("--int8-even-if-slower", action="store_true",
                       help="write the int8 model even when it runs slower than the float one")
@@ -114,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     from compact_vit.nn.layers import to_pair
     batch = _batch(args.batch)
     name, model, variables, source = load(args)
-    export = ex.to_onnx(model, variables, batch=batch, model_name=name, rtol=args.rtol)
+    export = ex.to_onnx(model, variables, batch=batch, model_name=name, rtol=args.rtol,
+                        layout=args.layout)
     shape = (1, *to_pair(model.img_size), 3)
     timing_batch = export.check_batch
     images = ex.photo_batch(timing_batch, model.img_size)
     record = {
-        "model": name, "weights": source, "format": "onnx", "batch": batch,
+        "model": name, "weights": source, "format": "onnx", "batch": batch, "layout": args.layout,
         "img_size": model.img_size, "params": profile.count_params(variables["params"]),
         "gmacs": round(profile.count_macs(model, variables, shape) / 1e9, 4),
         "max_rel_err": export.max_rel_err,

@@ -31,6 +31,8 @@ from compact_vit.nn.layers import export_forms, to_pair
 
 PARITY_RTOL = 1e-4  # max |onnx - apply| / max |apply| of the logits
 DYNAMIC = "dynamic"
+LAYOUTS = ("nhwc", "nchw")  # the exported model's input: as model.apply takes it, or as torch's
+LAYOUT_KEY = "input_layout"  # the ONNX metadata entry that records it
 # jax.numpy as it is before jax2onnx is imported (only lazily, below): jax2onnx 0.12 replaces some
 # of its functions when its lowerings load (jnp.cumsum, by one that refuses `jnp.cumsum(x, -1)`),
 # for the whole process. They are put back at once and used only while a conversion runs.
@@ -73,6 +75,12 @@ class Export:
   input_shape: tuple[int | str, ...]
   max_rel_err: float
   check_batch: int
+  layout: str = "nhwc"
+
+  @property
+  def img_size(self) -> tuple[int, int]:
+    """(height, width) of the exported input."""
+    return tuple(self.input_shape[1:3] if self.layout == "nhwc" else self.input_shape[2:4])
 
   def save(self, path: str) -> str:
     """Writes the model to `path` (parent folders created); returns the path."""
@@ -95,27 +103,44 @@ def session(proto_or_bytes: Any, threads: int = 2):
   return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def feed(sess, images: np.ndarray) -> dict[str, np.ndarray]:
+  """The input of an onnxruntime session of an export for NHWC `images` (B, H, W, 3), as
+  `model.apply` takes them: transposed to (B, 3, H, W) for an export whose `input_layout` metadata
+  says NCHW."""
+  layout = sess.get_modelmeta().custom_metadata_map.get(LAYOUT_KEY, "nhwc")
+  images = np.asarray(images, np.float32)
+  if layout == "nchw":
+    images = images.transpose(0, 3, 1, 2)
+  return {sess.get_inputs()[0].name: np.ascontiguousarray(images)}
+
+
 def run(sess, images: np.ndarray) -> np.ndarray:
-  """Logits of an onnxruntime session on NHWC `images`."""
-  return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)})[0]
+  """Logits of an onnxruntime session of an export on NHWC `images` (whatever its layout)."""
+  return sess.run(None, feed(sess, images))[0]
 
 
 def to_onnx(model: nn.Module, variables: Any, *, batch: int | str = 1,
             img_size: int | tuple[int, int] | None = None, rtol: float = PARITY_RTOL,
             check_batch: int | None = None, path: str | None = None,
-            model_name: str | None = None) -> Export:
+            model_name: str | None = None, layout: str = "nhwc") -> Export:
   """Exports `model.apply(variables, x, train=False)` to ONNX and checks it before returning.
 
   `batch`: a static batch size, or 'dynamic' (a symbolic batch axis; models whose shapes depend on
-  the batch cannot). Input x is float32 NHWC (B, H, W, 3), normalised as for `model.apply`; the
-  output is the logits. The exported logits must be within `rtol` (max |onnx - apply| /
-  max |apply|) of `model.apply` on `check_batch` real photos (default: `batch`, or 2 if dynamic),
-  else ExportError; with `path` the checked model is then written there.
+  the batch cannot). Input x is float32 NHWC (B, H, W, 3), normalised as for `model.apply`, or
+  with `layout='nchw'` (B, 3, H, W) as torch's exports take it (a drop-in for timm's ONNX file;
+  the transpose cancels against the first convolution's, so the graph has none); the output is
+  the logits. The layout is recorded in the file's metadata (`input_layout`), which `run` reads.
+  The exported logits must be within `rtol` (max |onnx - apply| / max |apply|) of `model.apply`
+  on `check_batch` real photos (default: `batch`, or 2 if dynamic), else ExportError; with `path`
+  the checked model is then written there.
   """
   if not (batch == DYNAMIC or (isinstance(batch, int) and batch >= 1)):
     raise UserError(f"batch={batch!r}: give a positive batch size or '{DYNAMIC}'.")
+  if layout not in LAYOUTS:
+    raise UserError(f"layout={layout!r}: use one of {', '.join(LAYOUTS)}.")
   height, width = to_pair(img_size if img_size is not None else model.img_size)
-  input_shape = ("B" if batch == DYNAMIC else batch, height, width, 3)
+  input_shape = ("B" if batch == DYNAMIC else batch,
+                 *((height, width, 3) if layout == "nhwc" else (3, height, width)))
   check_batch = check_batch or (2 if batch == DYNAMIC else batch)
   if batch != DYNAMIC and check_batch != batch:
     raise UserError(f"check_batch={check_batch} must equal the static batch={batch}.")
@@ -123,7 +148,9 @@ def to_onnx(model: nn.Module, variables: Any, *, batch: int | str = 1,
   variables = jax.tree.map(jnp.asarray, variables)
   images = photo_batch(check_batch, (height, width))
   expected = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
-  proto = _convert(lambda x: model.apply(variables, x, train=False), input_shape, name)
+  nhwc = (lambda x: x) if layout == "nhwc" else (lambda x: jnp.transpose(x, (0, 2, 3, 1)))
+  proto = _convert(lambda x: model.apply(variables, nhwc(x), train=False), input_shape, name)
+  _set_layout(proto, layout)
   try:
     got = run(session(proto), images)
   except Exception as e:  # onnxruntime's own errors: the graph does not run
@@ -132,7 +159,7 @@ def to_onnx(model: nn.Module, variables: Any, *, batch: int | str = 1,
   if not err <= rtol:
     raise ExportError(f"{name}: exported logits differ from model.apply by {err:.2e} (relative), "
                       f"more than rtol={rtol:g}; nothing written.")
-  result = Export(proto, input_shape, err, check_batch)
+  result = Export(proto, input_shape, err, check_batch, layout)
   if path:
     result.save(path)
   return result
@@ -196,6 +223,15 @@ def _convert(fn, input_shape: tuple[int | str, ...], name: str):
     raise ExportError(f"{name} cannot be exported to ONNX: {_why(e)}") from e
   _fold_max_pool_padding(proto)
   return proto
+
+
+def _set_layout(proto, layout: str) -> None:
+  """Records the input layout in the model's metadata (`input_layout`: nhwc or nchw)."""
+  kept = [p for p in proto.metadata_props if p.key != LAYOUT_KEY]
+  del proto.metadata_props[:]
+  proto.metadata_props.extend(kept)
+  entry = proto.metadata_props.add()
+  entry.key, entry.value = LAYOUT_KEY, layout
 
 
 def _fold_max_pool_padding(proto) -> None:
@@ -262,14 +298,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def latency_ms(sess, images: np.ndarray, *, rounds: int = 10, warmup: int = 2) -> float:
-  """Median wall time (ms) of one onnxruntime run on `images` over `rounds` timed runs."""
-  feed = {sess.get_inputs()[0].name: np.ascontiguousarray(images, np.float32)}
+  """Median wall time (ms) of one onnxruntime run on NHWC `images` over `rounds` timed runs."""
+  inputs = feed(sess, images)
   for _ in range(warmup):
-    sess.run(None, feed)
+    sess.run(None, inputs)
   times = []
   for _ in range(rounds):
     start = time.perf_counter()
-    sess.run(None, feed)
+    sess.run(None, inputs)
     times.append(time.perf_counter() - start)
   return 1e3 * float(np.median(times))
 
@@ -315,7 +351,7 @@ def quantize(export: Export, mode: str = "dynamic", *, calibration_images: int =
   if mode not in ("dynamic", "static"):
     raise UserError(f"int8 mode {mode!r}: use 'dynamic' or 'static'.")
   batch = export.check_batch if isinstance(export.input_shape[0], str) else export.input_shape[0]
-  size = tuple(export.input_shape[1:3])
+  size = export.img_size
   with tempfile.TemporaryDirectory() as tmp:
     src, pre, dst = (os.path.join(tmp, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
     export.save(src)
@@ -330,6 +366,7 @@ def quantize(export: Export, mode: str = "dynamic", *, calibration_images: int =
                         activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
     import onnx  # pylint: disable=import-outside-toplevel
     proto = onnx.load(dst)
+  _set_layout(proto, export.layout)
   images = photo_batch(batch, size)
   float_sess, int8_sess = session(export.proto, threads), session(proto, threads)
   reference, quantized = run(float_sess, images), run(int8_sess, images)
@@ -356,11 +393,11 @@ def _alternate(first, second, images: np.ndarray, rounds: int) -> tuple[float, f
 
 
 class _Reader:
-  """onnxruntime's CalibrationDataReader protocol over `images`, `batch` at a time."""
+  """onnxruntime's CalibrationDataReader protocol over NHWC `images`, `batch` at a time."""
 
   def __init__(self, export: Export, images: np.ndarray, batch: int):
-    name = session(export.proto).get_inputs()[0].name
-    self._feeds = iter([{name: images[i:i + batch]}
+    sess = session(export.proto)
+    self._feeds = iter([feed(sess, images[i:i + batch])
                         for i in range(0, len(images) - batch + 1, batch)])
 
   def get_next(self):
