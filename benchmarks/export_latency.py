@@ -126,7 +126,6 @@ def main() -> None:
   import torch  # pylint: disable=import-outside-toplevel  # before anything imports TensorFlow
   torch.set_num_threads(args.threads)
   from compact_vit import export  # pylint: disable=import-outside-toplevel
-  from compact_vit.export.onnx import feed  # pylint: disable=import-outside-toplevel
   names = list(TIMM) if args.models == "all" else [n for n in args.models.split(",") if n]
   unknown = sorted(set(names) - set(TIMM))
   if unknown:
@@ -142,7 +141,7 @@ def main() -> None:
       _, _, ours = our_export(name, batch, variables, args.layout)
       sessions = {"ours": export.session(ours.proto, args.threads),
                   "timm": export.session(timm_onnx, args.threads)}
-      feeds = {"ours": feed(sessions["ours"], images),
+      feeds = {"ours": export.feed(sessions["ours"], images),
                "timm": {"x": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}}
       logits = {k: s.run(None, feeds[k])[0] for k, s in sessions.items()}
       agree = float(np.abs(logits["ours"] - logits["timm"]).max()
@@ -160,7 +159,7 @@ def main() -> None:
                                        args.threads)
         reduced = our_export(reducer, batch, layout=args.layout)[2]
         sessions = {reducer: export.session(reduced.proto, args.threads), base: bases[base]}
-        feeds = {k: feed(s, images) for k, s in sessions.items()}
+        feeds = {k: export.feed(s, images) for k, s in sessions.items()}
         secs = alternate(sessions, feeds, args.rounds, calls)
         med, low, high = ratio(secs, reducer, base)
         reducer_rows.append((reducer, base, batch, 1e3 * np.median(secs[reducer]),

@@ -24,9 +24,10 @@ if _memory_mb:
   os.environ.setdefault('TF_CPU_BFC_MEM_LIMIT_IN_MB', str(_memory_mb))
 
 # At the end of its import TensorFlow imports Keras's optimizers whenever Keras is installed (for
-# SavedModel registrations this project does not use): about 2 of the 6 seconds the import takes on
-# 2 cores, at every start. Held off by a `None` entry in sys.modules while TF imports (TF catches the
-# ImportError); afterwards `import keras`, `tf.keras` and `tensorflow.keras` load as usual.
+# SavedModel registrations this project does not use): about 2 of the 6 seconds the import takes
+# on 2 cores, at every start. Held off by a `None` entry in sys.modules while TF imports (TF
+# catches the ImportError); afterwards `import keras`, `tf.keras` and `tensorflow.keras` load as
+# usual.
 _KERAS_EAGER = 'keras.src.optimizers'
 
 _NOISE = ('oneDNN custom operations are on',

@@ -41,7 +41,8 @@ def masked_mean(x: jax.Array, weights: jax.Array, axis: int = 1) -> jax.Array:
   """
   w = jnp.expand_dims(weights.astype(x.dtype), -1)
   total = jnp.sum(w, axis=axis, keepdims=True)
-  return jnp.sum(x * w, axis=axis, keepdims=True) / jnp.where(total > 0, total, jnp.ones_like(total))
+  total = jnp.where(total > 0, total, jnp.ones_like(total))
+  return jnp.sum(x * w, axis=axis, keepdims=True) / total
 
 
 def unique_fixed(index: jax.Array, fill_value: int) -> tuple[jax.Array, jax.Array]:
