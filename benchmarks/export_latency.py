@@ -2,7 +2,7 @@
 with `torch.onnx.export`, and the token reducers beside their dense backbones.
 
   python benchmarks/export_latency.py [--models NAME,...|all] [--batches 1,32] [--threads 2]
-      [--rounds 15] [--layout nchw|nhwc] [--reducers | --no-reducers]
+      [--rounds 15] [--layout nchw|nhwc] [--control | --no-control] [--reducers | --no-reducers]
       [--out benchmarks/results/export_cpu.md]
 
 For each model with a timm version: timm's model (random init, eval mode) is converted to our
@@ -14,9 +14,14 @@ convolutions), and both logits are compared on the same photos. By default ours 
 for the other would feed them; `--layout nhwc` times ours on the NHWC input `model.apply` takes
 (one more Transpose at the input). Both run in onnxruntime with the
 same session options (`--threads` intra-op threads, all graph optimisations), at each batch size,
-in alternating rounds in one process (the order flips every other round); a round times
-`--calls` runs of each. The ratio is the median over rounds of ours / timm in the same round (below
-1: ours is faster), with its range. The token reducers (DynamicViT-S/0.7, ATS-DeiT-S,
+in alternating rounds in one process (the order rotates through every permutation of the sessions,
+so none always runs right after the same other); a round times `--calls` runs of each. The ratio
+is the median over rounds of ours / timm in the same round (below 1: ours is faster), with its
+range. With `--control` (the default) a second session of timm's own file is timed in the same
+rounds: timm / timm is what this machine's noise alone makes of identical graphs, the yardstick
+for ours / timm beside it. The table also lists what differs between the two graphs onnxruntime
+runs after its optimisations (operator counts, ours minus timm's): a deterministic account of
+where a real difference could come from. The token reducers (DynamicViT-S/0.7, ATS-DeiT-S,
 PatchMerger-ViT-S/16) are timed the same way against their dense backbone's export. The load
 average of the machine before and after is written beside the table: on a shared machine the
 ratios stay fair (same rounds), the absolute milliseconds do not.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import platform
 import sys
@@ -90,13 +96,15 @@ def our_export(name: str, batch: int, variables=None, layout: str = "nhwc"):
 
 
 def alternate(sessions: dict, feeds: dict, rounds: int, calls: int) -> dict[str, list[float]]:
-  """Seconds per run of each session in each round; the order flips every other round."""
+  """Seconds per run of each session in each round; round r runs the sessions in the r-th order
+  of their permutations (cyclically: for two sessions, the order flips every other round)."""
   for name, sess in sessions.items():
     for _ in range(2):
       sess.run(None, feeds[name])
   secs = {name: [] for name in sessions}
+  orders = list(itertools.permutations(sessions))
   for r in range(rounds):
-    for name in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+    for name in orders[r % len(orders)]:
       start = time.perf_counter()
       for _ in range(calls):
         sessions[name].run(None, feeds[name])
@@ -110,6 +118,15 @@ def ratio(secs: dict, name: str, base: str) -> tuple[float, float, float]:
   return float(np.median(r)), float(r.min()), float(r.max())
 
 
+def graph_difference(ours: bytes, timm: bytes) -> str:
+  """Operator counts in which onnxruntime's optimised graphs of the two files differ (ours minus
+  timm's), e.g. 'Transpose -9, Slice +1'; 'none' when they hold the same operators."""
+  from compact_vit import export  # pylint: disable=import-outside-toplevel
+  a, b = export.optimized_ops(ours), export.optimized_ops(timm)
+  diff = {op: a[op] - b[op] for op in sorted(set(a) | set(b)) if a[op] != b[op]}
+  return ", ".join(f"{op} {n:+d}" for op, n in diff.items()) or "none"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default=",".join(DEFAULT), help="comma-separated, or 'all'")
@@ -120,6 +137,8 @@ def main() -> None:
                       "at larger batches)")
   parser.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
                       help="our exports' input layout (timm's is NCHW)")
+  parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                      help="also time a second session of timm's file (the noise of this machine)")
   parser.add_argument("--reducers", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/export_cpu.md"))
   args = parser.parse_args()
@@ -139,17 +158,22 @@ def main() -> None:
     for name in names:
       model, variables, timm_onnx = timm_pair(name, batch)
       _, _, ours = our_export(name, batch, variables, args.layout)
-      sessions = {"ours": export.session(ours.proto, args.threads),
+      ours_onnx = ours.proto.SerializeToString()
+      sessions = {"ours": export.session(ours_onnx, args.threads),
                   "timm": export.session(timm_onnx, args.threads)}
       feeds = {"ours": export.feed(sessions["ours"], images),
                "timm": {"x": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}}
+      if args.control:
+        sessions["timm again"] = export.session(timm_onnx, args.threads)
+        feeds["timm again"] = feeds["timm"]
       logits = {k: s.run(None, feeds[k])[0] for k, s in sessions.items()}
       agree = float(np.abs(logits["ours"] - logits["timm"]).max()
                     / np.abs(logits["timm"]).max())
       secs = alternate(sessions, feeds, args.rounds, calls)
-      med, low, high = ratio(secs, "ours", "timm")
+      control = ratio(secs, "timm again", "timm") if args.control else None
       rows.append((name, batch, 1e3 * np.median(secs["ours"]), 1e3 * np.median(secs["timm"]),
-                   med, low, high, ours.max_rel_err, agree))
+                   ratio(secs, "ours", "timm"), control, graph_difference(ours_onnx, timm_onnx),
+                   ours.max_rel_err, agree))
       print(rows[-1], flush=True)
     if args.reducers:
       bases = {}
@@ -175,7 +199,8 @@ def write(args, rows, reducer_rows, load_before, load_after) -> None:
   lines = [
       "# ONNX export latency in onnxruntime (CPU)", "",
       f"`python benchmarks/export_latency.py --models {args.models} --batches {args.batches} "
-      f"--threads {args.threads} --rounds {args.rounds} --layout {args.layout}`", "",
+      f"--threads {args.threads} --rounds {args.rounds} --layout {args.layout}"
+      f"{'' if args.control else ' --no-control'}`", "",
       f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; onnxruntime "
       f"{onnxruntime.__version__}, {args.threads} intra-op threads, all graph optimisations; "
       f"torch {torch.__version__} (`torch.onnx.export`, TorchScript exporter, opset 17); ours "
@@ -184,12 +209,16 @@ def write(args, rows, reducer_rows, load_before, load_after) -> None:
       f"after: {', '.join(f'{x:.1f}' for x in load_after)} (the machine is shared; ratios "
       "come from alternating rounds in one process, milliseconds are medians over rounds).", "",
       "## Ours vs timm (same weights)", "",
-      "| model | batch | ours ms | timm ms | ours / timm (median, range) | ours vs apply | "
-      "ours vs timm logits |",
-      "|---|---|---|---|---|---|---|"]
-  for name, batch, ours_ms, timm_ms, med, low, high, err, agree in rows:
+      "timm / timm: a second session of timm's file in the same rounds (this machine's noise on "
+      "identical graphs). Optimised graphs: operator counts in which the graphs onnxruntime runs "
+      "differ, ours minus timm's.", "",
+      "| model | batch | ours ms | timm ms | ours / timm (median, range) | timm / timm (noise) | "
+      "optimised graphs, ours - timm | ours vs apply | ours vs timm logits |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  for name, batch, ours_ms, timm_ms, (med, low, high), control, diff, err, agree in rows:
+    noise = f"{control[0]:.2f} ({control[1]:.2f}-{control[2]:.2f})" if control else "-"
     lines.append(f"| {name} | {batch} | {ours_ms:.1f} | {timm_ms:.1f} | **{med:.2f}** "
-                 f"({low:.2f}-{high:.2f}) | {err:.1e} | {agree:.1e} |")
+                 f"({low:.2f}-{high:.2f}) | {noise} | {diff} | {err:.1e} | {agree:.1e} |")
   if reducer_rows:
     lines += ["", "## Token reducers vs their dense backbones (both our exports)", "",
               "| model | backbone | batch | model ms | backbone ms | model / backbone (median, "

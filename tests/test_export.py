@@ -57,17 +57,6 @@ def _apply(model, variables, images):
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
-def _optimized_ops(proto, tmp_path) -> Counter:
-  """Operator counts of the graph onnxruntime runs after its optimisations (all levels)."""
-  import onnx  # pylint: disable=import-outside-toplevel
-  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-  options = ort.SessionOptions()
-  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-  options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-  ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-  return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_small_config_runs_in_onnxruntime_like_apply(name):
   model, variables = _model(name, SMALL[name])
@@ -154,7 +143,7 @@ def test_efficientformerv2_attention_export_forms_match(module):
   assert rel_err(exported, plain) <= 1e-5
 
 
-def test_efficientformerv2_exports_matmul_attention_and_resize(tmp_path):
+def test_efficientformerv2_exports_matmul_attention_and_resize():
   """EfficientFormerV2's graph holds MatMul attention and one Resize per strided attention, no
   Einsum; with its layer scales set to one (the attention then moves the logits), it still runs
   in onnxruntime like `model.apply`. After onnxruntime's optimisation no Transpose is left but the
@@ -168,12 +157,12 @@ def test_efficientformerv2_exports_matmul_attention_and_resize(tmp_path):
   assert exported.max_rel_err <= RTOL
   ops = Counter(n.op_type for n in exported.proto.graph.node)
   assert ops["MatMul"] >= 4 and ops["Resize"] == 1 and not ops["Einsum"]
-  optimized = _optimized_ops(exported.proto, tmp_path)
+  optimized = export.optimized_ops(exported.proto)
   assert optimized["Transpose"] == 1 and optimized["FusedMatMul"] >= 4, optimized
 
 
 @pytest.mark.parametrize("name", ["efficientformerv2_s0", "resnext50_32x4d"])
-def test_nchw_layout_takes_torch_input_without_a_transpose(name, tmp_path):
+def test_nchw_layout_takes_torch_input_without_a_transpose(name):
   """`layout='nchw'`: the file takes (B, 3, H, W) as a PyTorch model's export does, says so in its
   metadata (so `run` and the int8 calibration still take NHWC photos), gives the same logits, and
   after onnxruntime's optimisation holds no Transpose at all (the NHWC export keeps the input's)."""
@@ -189,8 +178,8 @@ def test_nchw_layout_takes_torch_input_without_a_transpose(name, tmp_path):
   logits = sess.run(None, {sess.get_inputs()[0].name: torch_layout})[0]
   assert rel_err(logits, _apply(model, variables, images)) <= RTOL
   np.testing.assert_array_equal(export.run(sess, images), logits)
-  assert _optimized_ops(nhwc.proto, tmp_path)["Transpose"] == 1
-  assert _optimized_ops(nchw.proto, tmp_path)["Transpose"] == 0
+  assert export.optimized_ops(nhwc.proto)["Transpose"] == 1
+  assert export.optimized_ops(nchw.proto)["Transpose"] == 0
   if name == "resnext50_32x4d":  # static int8: calibration batches go in through the layout
     report = export.quantize(nchw, "static", calibration_images=4, rounds=1)
     assert report.proto.metadata_props[-1].value == "nchw" and report.logit_drift < 0.5
@@ -278,3 +267,34 @@ def test_max_pool_padding_folds_into_the_max_pool(window, stride, padding, batch
   assert all(t.name in used for t in proto.graph.initializer)  # the Pad's constants went with it
   x = x if batch == "B" else x[:2]
   np.testing.assert_array_equal(export_onnx.run(export_onnx.session(proto), x), np.asarray(pool(x)))
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize("batch", [2, "B"], ids=["static", "dynamic"])
+def test_spatial_mean_exports_as_one_global_average_pool(keepdims, batch):
+  """`spatial_mean`'s export form is one GlobalAveragePool (jax2onnx's lowering of a pool over the
+  whole map; onnxruntime runs it in its blocked layout), not ReduceSum and Div, with the values of
+  numpy's mean over height and width (odd, non-square map)."""
+  from compact_vit.export import onnx as export_onnx
+  x = np.random.default_rng(1).standard_normal((3, 7, 9, 8), dtype=np.float32)
+  mean = lambda x: layers.spatial_mean(x, keepdims=keepdims)
+  proto = export_onnx._convert(mean, (batch, 7, 9, 8), "spatial_mean")  # pylint: disable=protected-access
+  ops = Counter(n.op_type for n in proto.graph.node)
+  assert ops["GlobalAveragePool"] == 1 and not ops["ReduceSum"] and not ops["ReduceMean"], ops
+  x = x if batch == "B" else x[:2]
+  out = export_onnx.run(export_onnx.session(proto), x)
+  np.testing.assert_allclose(out, x.mean(axis=(1, 2), keepdims=keepdims), rtol=1e-6, atol=1e-6)
+
+
+def test_squeeze_excite_means_run_in_the_blocked_layout():
+  """RegNetY's squeeze-excite means and its head's mean reach onnxruntime's optimised graph as
+  GlobalAveragePool (one per block and the head), with no ReduceSum or ReduceMean left; timm's
+  export, whose squeeze-excite mean is a ReduceMean, keeps a layout reorder for each."""
+  name = "regnety_160"
+  model, variables = _model(name, SMALL[name])
+  exported = export.to_onnx(model, variables, batch=2, layout="nchw")
+  assert exported.max_rel_err <= RTOL
+  optimized = export.optimized_ops(exported.proto)
+  blocks = sum(SMALL[name]["depths"])
+  assert optimized["GlobalAveragePool"] == blocks + 1, optimized
+  assert not optimized["ReduceSum"] and not optimized["ReduceMean"], optimized

@@ -8,8 +8,8 @@ it returns;
 themselves never import this package.
 """
 from compact_vit.export.onnx import (DYNAMIC, LAYOUTS, PARITY_RTOL, Export, ExportError,
-                                     Int8Report, feed, latency_ms, photo_batch, quantize, run,
-                                     session, to_onnx)
+                                     Int8Report, feed, latency_ms, optimized_ops, photo_batch,
+                                     quantize, run, session, to_onnx)
 
 __all__ = ["DYNAMIC", "LAYOUTS", "PARITY_RTOL", "Export", "ExportError", "Int8Report", "feed",
-           "latency_ms", "photo_batch", "quantize", "run", "session", "to_onnx"]
+           "latency_ms", "optimized_ops", "photo_batch", "quantize", "run", "session", "to_onnx"]

@@ -35,7 +35,7 @@ from compact_vit.models.efficientformer import (RATES, check_img_size, distilled
 from compact_vit.nn.layers import (ConvNormAct, Dtype, DropPath, LayerScale, batch_norm, gelu,
                                    check_input_size, check_settings, conv_general_dilated,
                                    conv_init, drop_path_rates, exporting,
-                                   settings_problems, to_pair)
+                                   settings_problems, spatial_mean, to_pair)
 
 # Variant table: name -> fields of EfficientFormerV2. Expansion ratios are per block
 # (timm's EfficientFormer_expansion_ratios); drop path is each variant's training default.
@@ -374,7 +374,7 @@ class EfficientFormerV2(nn.Module):
                 name=f"stages_{i}")(x, train)
 
     x = batch_norm("norm", train, dtype, pdt)(x)
-    x = nn.Dropout(self.head_drop_rate, deterministic=not train)(x.mean(axis=(1, 2)))
+    x = nn.Dropout(self.head_drop_rate, deterministic=not train)(spatial_mean(x))
     return distilled_heads(self, x, train)
 
 

@@ -66,7 +66,8 @@ from compact_vit.models.registry import register
 from compact_vit.models.nasvit_space import (  # noqa: F401  (Stage, sample_subnet: re-exported)
     SPACE, TINY_SPACE, Space, Stage, as_arrays, largest, sample_subnet, smallest, subnet_space)
 from compact_vit.nn.layers import (BN_EPS, DropPath, Dtype, check_input_size, check_settings,
-                                   dense, depthwise_conv2d, make_divisible, settings_problems)
+                                   dense, depthwise_conv2d, make_divisible, settings_problems,
+                                   spatial_mean)
 
 
 HEAD_EXPAND = 6  # final_expand_layer: last stage width x 6
@@ -223,7 +224,7 @@ class MBConv(nn.Module):
       mid_max = _divisible(hidden_max // SE_REDUCTION)
       if sub is not None:
         se_mask = _channel_mask(_divisible(hidden // SE_REDUCTION), mid_max, x.dtype)
-      s = y.mean((1, 2), keepdims=True)
+      s = spatial_mean(y, keepdims=True)
       s = nn.relu(_apply_mask(_conv(mid_max, name="se_reduce", dtype=self.dtype, bias=True)(s),
                               se_mask))
       s = _conv(hidden_max, name="se_expand", dtype=self.dtype, bias=True)(s)
@@ -367,7 +368,7 @@ class NASViT(nn.Module):
     hmask = _channel_mask(None if sub is None else sub["width"][-1] * HEAD_EXPAND, c_head,
                           self.dtype)
     x = _conv(c_head, name="final_expand", dtype=self.dtype)(x)
-    x = nn.swish(bn(name="final_expand_bn")(x, hmask, train)).mean((1, 2), keepdims=True)
+    x = spatial_mean(nn.swish(bn(name="final_expand_bn")(x, hmask, train)), keepdims=True)
     c_last = max(self.space.last_conv)
     x = _conv(c_last, name="feature_mix", dtype=self.dtype)(x)
     x = _apply_mask(nn.swish(x), _channel_mask(active_choice(sub, "last_conv"), c_last, self.dtype))

@@ -27,7 +27,8 @@ from flax import linen as nn
 
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (ConvNormAct, DropPath, Dtype, check_input_size,
-                                   check_settings, drop_path_rates, settings_problems, to_pair)
+                                   check_settings, drop_path_rates, settings_problems,
+                                   spatial_mean, to_pair)
 
 # Variant table: name -> fields of RegNet.
 VARIANTS: dict[str, dict] = {
@@ -50,7 +51,7 @@ class SqueezeExcite(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = functools.partial(nn.Conv, kernel_size=(1, 1), kernel_init=conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    s = x.mean(axis=(1, 2), keepdims=True)
+    s = spatial_mean(x, keepdims=True)
     s = conv(x.shape[-1], name="fc2")(nn.relu(conv(self.reduced, name="fc1")(s)))
     return x * nn.sigmoid(s)
 
@@ -157,7 +158,7 @@ class RegNet(nn.Module):
       start = sum(self.depths[:i])
       x = Stage(width, self.group_size, self.se_ratio, tuple(rates[start:start + depth]), dtype,
                 pdt, name=f"s{i + 1}")(x, train)
-    x = nn.Dropout(self.drop_rate, deterministic=not train)(x.mean(axis=(1, 2)))
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(spatial_mean(x))
     return Head(self.num_classes, dtype, pdt, name="head")(x).astype(jnp.float32)
 
 

@@ -31,7 +31,8 @@ from flax import linen as nn
 
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, batch_norm, check_input_size, check_settings,
-                                   drop_path_rates, pool2d, settings_problems, to_pair)
+                                   drop_path_rates, pool2d, settings_problems, spatial_mean,
+                                   to_pair)
 from compact_vit.nn.layers import conv_init as torch_default_init
 
 # Variant table: name -> fields of ResNet (timm's resnet50, resnext50_32x4d, resnext101_32x{4,8}d).
@@ -122,7 +123,7 @@ class ResNet(nn.Module):
                        cardinality=self.cardinality, base_width=self.base_width,
                        drop_path_rate=next(rates), dtype=dtype, param_dtype=pdt,
                        name=f"layer{i + 1}_{j}")(x, train)
-    x = nn.Dropout(self.drop_rate, deterministic=not train)(x.mean(axis=(1, 2)))
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(spatial_mean(x))
     return nn.Dense(self.num_classes, kernel_init=torch_default_init, dtype=dtype, param_dtype=pdt,
                     name="fc")(x).astype(jnp.float32)
 

@@ -49,7 +49,8 @@ from flax import linen as nn
 from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, Mlp, check_input_size, check_settings,
                                    conv_general_dilated, dense, dot_product_attention,
-                                   drop_path_rates, gelu, settings_problems, to_pair)
+                                   drop_path_rates, gelu, settings_problems, spatial_mean,
+                                   to_pair)
 
 # Variant table: name -> fields of SepViT (authors' SepViT_Lite/_Tiny/_Small/_Base). Windows per
 # block: stage 1 [7], stage 2 [7, 14], stage 3 alternating 7/14, stage 4 [7, 7] (global at 224).
@@ -334,7 +335,7 @@ class SepViT(nn.Module):
           x = PosConv(dtype, self.param_dtype, name=f"pos_block_{k}")(x)
     x = nn.LayerNorm(epsilon=BLOCK_LN_EPS, dtype=dtype, param_dtype=self.param_dtype,
                      name="norm")(x)
-    x = x.mean(axis=(1, 2))
+    x = spatial_mean(x)
     return dense(self.num_classes, "head", dtype, self.param_dtype)(x).astype(jnp.float32)
 
 

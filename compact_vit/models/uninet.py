@@ -36,7 +36,7 @@ from compact_vit.models.registry import register
 from compact_vit.nn.layers import (DropPath, Dtype, LayerScale, Mlp, check_input_size,
                                    check_settings, conv_general_dilated, dense,
                                    dot_product_attention, drop_path_rates, gelu, make_divisible,
-                                   pool2d, settings_problems, to_pair)
+                                   pool2d, settings_problems, spatial_mean, to_pair)
 
 # Variant table: name -> fields of UniNet (the authors' UniNetB0 ... UniNetB5, ECCV version).
 _EXPANSION = (1, 4, 6, 3, 2, 5)
@@ -100,7 +100,7 @@ class SqueezeExcitation(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
     layers = _Layers(self.dtype, self.param_dtype)
-    scale = x.mean(axis=(1, 2), keepdims=True)
+    scale = spatial_mean(x, keepdims=True)
     scale = nn.relu(layers.conv(make_divisible(dim // 4, 8), "fc1")(scale))
     scale = layers.conv(dim, "fc2")(scale)
     return x * (jnp.clip(scale + 3.0, 0.0, 6.0) / 6.0)  # relu6(x + 3) / 6
@@ -327,7 +327,7 @@ class UniNet(nn.Module):
         x = AttentionBlock(self.expansion[s], self.head_dim, self.init_values, self.proj_drop_rate,
                            self.attn_drop_rate, next(rates), name=name, **common)(x, train)
     x = layers.conv(self.final_dim, "final_conv", bias=False)(x)
-    x = gelu(layers.batch_norm("final_norm")(x)).mean(axis=(1, 2))
+    x = spatial_mean(gelu(layers.batch_norm("final_norm")(x)))
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     return dense(self.num_classes, "classifier", dtype, self.param_dtype)(x).astype(jnp.float32)
 

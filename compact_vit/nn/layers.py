@@ -495,6 +495,17 @@ def _export_pool2d(x: jax.Array, window: int, strides: int, padding: int, kind: 
     _EXPORT_FORMS.reset(token)
 
 
+def spatial_mean(x: jax.Array, keepdims: bool = False) -> jax.Array:
+  """Mean of NHWC `x` over its height and width: (B, H, W, C) -> (B, C), or (B, 1, 1, C) with
+  `keepdims`. Under `export_forms()`, an average pool over the whole map (ONNX GlobalAveragePool,
+  which onnxruntime runs in its blocked convolution layout, as in torch's exports) instead of
+  ReduceSum and Div, which need the map in plain NCHW."""
+  if exporting():
+    out = nn.avg_pool(x, window_shape=tuple(x.shape[1:3]), padding="VALID")
+    return out if keepdims else jnp.squeeze(out, axis=(1, 2))
+  return x.mean(axis=(1, 2), keepdims=keepdims)
+
+
 def batch_norm(name: str, train: bool, dtype: Dtype, param_dtype: Dtype) -> nn.BatchNorm:
   """torch's BatchNorm2d defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9); running statistics
   live in the `batch_stats` collection and are used when `train` is False. Flax updates the running
