@@ -148,7 +148,9 @@ def test_efficientformerv2_exports_matmul_attention_and_resize():
   Einsum; with its layer scales set to one (the attention then moves the logits), it still runs
   in onnxruntime like `model.apply`. After onnxruntime's optimisation no Transpose is left but the
   NHWC input's: q, k and v enter the MatMuls channels-first, as in timm's graph (which keeps one
-  Transpose per attention)."""
+  Transpose per attention); the downsampling attention's query subsampling is an AveragePool kept
+  in onnxruntime's blocked layout (a strided Slice there costs two layout reorders and one more
+  Add)."""
   name = "efficientformerv2_s0"
   model, variables = _model(name, SMALL[name])
   variables = jax.tree_util.tree_map_with_path(
@@ -159,6 +161,7 @@ def test_efficientformerv2_exports_matmul_attention_and_resize():
   assert ops["MatMul"] >= 4 and ops["Resize"] == 1 and not ops["Einsum"]
   optimized = export.optimized_ops(exported.proto)
   assert optimized["Transpose"] == 1 and optimized["FusedMatMul"] >= 4, optimized
+  assert optimized["AveragePool"] == 1 and not optimized["Slice"], optimized
 
 
 @pytest.mark.parametrize("name", ["efficientformerv2_s0", "resnext50_32x4d"])

@@ -155,7 +155,9 @@ class Attention2d(nn.Module):
 
 class LocalGlobalQuery(nn.Module):
   """LGQuery: x[:, ::2, ::2] (timm's AvgPool2d(1, 2)) + depthwise 3x3/2 conv `local`, then a 1x1
-  ConvNorm `proj`. (B, H, W, C) -> (B, H/2, W/2, features)."""
+  ConvNorm `proj`. (B, H, W, C) -> (B, H/2, W/2, features). Under `export_forms()` the subsampling
+  is timm's 1x1/2 pool (ONNX AveragePool, which onnxruntime keeps in its blocked layout; a strided
+  Slice needs the map reordered to NCHW and back)."""
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -166,8 +168,9 @@ class LocalGlobalQuery(nn.Module):
     local = nn.Conv(dim, (3, 3), strides=2, padding=((1, 1), (1, 1)), feature_group_count=dim,
                     kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype,
                     conv_general_dilated=conv_general_dilated, name="local")(x)
+    sub = nn.avg_pool(x, window_shape=(1, 1), strides=(2, 2)) if exporting() else x[:, ::2, ::2]
     return ConvNormAct(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="proj")(local + x[:, ::2, ::2], train)
+                       name="proj")(local + sub, train)
 
 
 class Attention2dDownsample(nn.Module):
