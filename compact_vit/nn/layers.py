@@ -15,8 +15,9 @@ since XLA's grouped convolution and reduce_window are many times slower there. S
 same results up to float32 rounding.
 
 Export (`export_forms()`): within that context the same blocks trace to the forms an ONNX runtime
-fuses instead: `jax.nn.gelu`, MatMul + softmax attention, reduce_window pooling and grouped
-convolutions (ONNX Gelu, MatMul, Softmax, AveragePool/MaxPool, Conv). Same parameters, same logits.
+fuses instead: `jax.nn.gelu`, MatMul + softmax attention, reduce_window pooling, whole-map
+average pools for spatial means and grouped convolutions (ONNX Gelu, MatMul, Softmax,
+AveragePool/MaxPool, GlobalAveragePool, Conv). Same parameters, same logits.
 """
 from __future__ import annotations
 
