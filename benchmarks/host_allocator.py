@@ -1,5 +1,6 @@
 """TensorFlow's host allocator: page faults and time per batch with the pooling (BFC) allocator that
-`compact_vit/data/_tf.py` turns on, and with malloc (`TF_CPU_ALLOCATOR_USE_BFC=0`).
+`compact_vit/data/_tf.py` turns on, and with malloc (`TF_CPU_ALLOCATOR_USE_BFC=0`, and
+`TF_ENABLE_ONEDNN_OPTS=0`: on x86 with AVX-512 TF turns oneDNN on, whose allocator pools as well).
 
 Each measurement is a fresh process making 40 MB batches one after another through tf.data; the
 two settings alternate over rounds. malloc's count depends on glibc's dynamic mmap threshold and on
@@ -35,12 +36,15 @@ print(json.dumps({{
     'ms': 1e3 * statistics.median(b - a for a, b in zip(stamps[skip:], stamps[skip + 1:]))}}))
 '''
 
-SETTINGS = {'pooled (BFC, the default)': '1', 'malloc (TF_CPU_ALLOCATOR_USE_BFC=0)': '0'}
+SETTINGS = {'pooled (BFC, the default)': '1',
+            'malloc (TF_CPU_ALLOCATOR_USE_BFC=0, TF_ENABLE_ONEDNN_OPTS=0)': '0'}
 
 
 def measure(use_bfc: str, batches: int) -> dict[str, float]:
   env = {k: v for k, v in os.environ.items() if not k.startswith('TF_CPU_')}
   env['TF_CPU_ALLOCATOR_USE_BFC'] = use_bfc
+  if use_bfc == '0':  # where TF turns oneDNN on (x86 with AVX-512), its allocator pools as well
+    env['TF_ENABLE_ONEDNN_OPTS'] = '0'
   env['PYTHONPATH'] = ROOT
   out = subprocess.run([sys.executable, '-c', _PROBE.format(batches=batches)], check=True, cwd=ROOT,
                        text=True, capture_output=True, env=env).stdout

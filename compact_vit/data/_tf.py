@@ -14,7 +14,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # from memory TF already holds, where malloc maps fresh pages for every batch and the kernel
 # zero-fills them on first touch, ~0.5 ms of system time per 224x224 image (measured by
 # benchmarks/input_pipeline.py: 148 page faults per image before, none after). The pool grows up to
-# the machine's memory and keeps what it took. Set TF_CPU_ALLOCATOR_USE_BFC=0 to turn it off.
+# the machine's memory and keeps what it took. Set TF_CPU_ALLOCATOR_USE_BFC=0 to turn it off (and
+# TF_ENABLE_ONEDNN_OPTS=0 on x86 CPUs with AVX-512, where TF turns oneDNN on and takes host tensors
+# from oneDNN's own pool, whatever TF_CPU_ALLOCATOR_USE_BFC says).
 os.environ.setdefault('TF_CPU_ALLOCATOR_USE_BFC', '1')
 try:
   _memory_mb = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20

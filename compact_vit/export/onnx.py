@@ -107,14 +107,19 @@ def session(proto_or_bytes: Any, threads: int = 2, optimized_path: str | None = 
   return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def optimized_ops(proto_or_bytes: Any) -> collections.Counter:
+def optimized_ops(proto_or_bytes: Any, domains: bool = False) -> collections.Counter:
   """Operator counts of the graph onnxruntime's CPU session runs after all its optimisations
-  (fusions and its blocked convolution layout), for a model as proto or bytes."""
+  (fusions and its blocked convolution layout), for a model as proto or bytes. With `domains`,
+  an operator outside the standard ONNX domain is counted as 'name (domain)', e.g.
+  'Gelu (com.microsoft)', apart from the standard op of the same name."""
   import onnx  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "optimized.onnx")
     session(proto_or_bytes, optimized_path=path)
-    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    nodes = onnx.load(path).graph.node
+  return collections.Counter(
+      f"{n.op_type} ({n.domain})" if domains and n.domain not in ("", "ai.onnx") else n.op_type
+      for n in nodes)
 
 
 def feed(sess, images: np.ndarray) -> dict[str, np.ndarray]:
